@@ -1,0 +1,235 @@
+"""Settings: defaults, then a TOML file, then THREADLINE_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class ServerSettings(BaseModel):
+    """Listeners and gRPC transport settings."""
+
+    host: str = Field("127.0.0.1", description="Address the gRPC and HTTP listeners bind to.")
+    port: int = Field(50051, description="gRPC port (0 picks a free one).")
+    http_port: int = Field(
+        8080, description="Side HTTP port: embedded JWKS, signed local file URLs (0: free)."
+    )
+    data_dir: Path = Field(
+        Path("./data"), description="Embedded database, signing keys and local files live here."
+    )
+    shutdown_grace_s: float = Field(
+        10.0, description="On SIGTERM: seconds in-flight calls get to finish."
+    )
+    max_receive_message_bytes: int = Field(
+        262_144, description="Largest frame accepted (after decompression)."
+    )
+    max_send_message_bytes: int = Field(1_048_576, description="Largest frame sent.")
+    max_concurrent_streams: int = Field(100, description="HTTP/2 streams per connection.")
+    keepalive_time_ms: int = Field(60_000, description="Server keepalive ping interval.")
+    keepalive_timeout_ms: int = Field(20_000, description="Keepalive ping ack timeout.")
+    min_ping_interval_ms: int = Field(
+        10_000, description="Clients may send HTTP/2 pings this often without being cut off."
+    )
+    handshake_timeout_ms: int = Field(10_000, description="Drops connections that never finish.")
+    max_connection_idle_ms: int = Field(300_000, description="Closes connections with no calls.")
+    max_connection_age_ms: int = Field(
+        0, description="Forces clients to reconnect this often (0: never)."
+    )
+    max_connection_age_grace_ms: int = Field(60_000, description="Grace after max age.")
+
+
+class DatabaseSettings(BaseModel):
+    """Where and how data is stored."""
+
+    url: str = Field(
+        "",
+        description="SQLAlchemy URL; empty means SQLite in data_dir "
+        "(postgresql+asyncpg://... for PostgreSQL).",
+    )
+    pool_size: int = Field(20, description="PostgreSQL connection pool size.")
+    query_timeout_s: float = Field(5.0, description="A statement running longer is cancelled.")
+    slow_query_s: float = Field(1.0, description="Statements slower than this are logged.")
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL", description="SQLite durability: FULL survives power loss, NORMAL only crashes."
+    )
+    auto_migrate: bool = Field(
+        True, description="Apply migrations on start (embedded default); else `threadline migrate`."
+    )
+    group_commit_max: int = Field(
+        256, description="Most writes that share one transaction on the send path."
+    )
+
+
+class AuthSettings(BaseModel):
+    """How tokens are verified."""
+
+    mode: Literal["embedded", "clerk"] = Field(
+        "embedded",
+        description="embedded: the server issues its own RS256 tokens (`threadline token`); "
+        "clerk: verify Clerk session tokens.",
+    )
+    issuer: str = Field(
+        "", description="Exact `iss`; empty in embedded mode means http://<host>:<http_port>."
+    )
+    jwks_url: str = Field("", description="Key set URL; empty means {issuer}/.well-known/jwks.json.")
+    public_key_pem: str = Field(
+        "", description="Verify with this PEM key instead of fetching JWKS (networkless)."
+    )
+    authorized_parties: list[str] = Field(
+        default_factory=list, description="Allowed `azp` values (origins); required in clerk mode."
+    )
+    allow_any_azp: bool = Field(False, description="Clerk mode without authorized_parties.")
+    allow_missing_azp: bool = Field(
+        False, description="Accept tokens without `azp` (non-browser clients)."
+    )
+    audience: str = Field("", description="Required `aud`, if set.")
+    leeway_s: int = Field(5, description="Clock skew allowed on exp/nbf/iat.")
+    refresh_grace_s: float = Field(
+        10.0, description="A stream lives this long past its token's exp without RefreshAuth."
+    )
+    jwks_cache_ttl_s: int = Field(300, description="How long a fetched key set is fresh.")
+    jwks_max_stale_s: int = Field(
+        86_400, description="Serve the last good key set this long when refresh fails."
+    )
+    jwks_refetch_cooldown_s: float = Field(
+        30.0, description="At most one refetch for an unknown kid per this many seconds."
+    )
+    subject_pattern: str = Field(
+        r"^[A-Za-z0-9_.@:-]{1,128}$", description="Allowed `sub` (Clerk: ^user_[A-Za-z0-9]+$)."
+    )
+    reject_pending_sessions: bool = Field(True, description="Refuse `sts: pending` tokens.")
+    embedded_token_ttl_s: int = Field(3600, description="Lifetime of `threadline token` tokens.")
+
+
+class RealtimeSettings(BaseModel):
+    """Stream behaviour."""
+
+    heartbeat_interval_s: float = Field(30.0, description="Clients ping this often.")
+    idle_timeout_s: float = Field(120.0, description="A stream silent this long is closed.")
+    hello_timeout_s: float = Field(10.0, description="The first frame must arrive within this.")
+    queue_max_frames: int = Field(
+        1000, description="Per-stream outbound queue; overflow sends ResyncRequired(slow_consumer)."
+    )
+    batch_max_events: int = Field(100, description="Most events in one live batch frame.")
+    replay_batch_size: int = Field(300, description="Most events in one replay frame.")
+    typing_ttl_s: float = Field(6.0, description="A typing signal expires after this.")
+    max_connections_per_user: int = Field(
+        5, description="Live streams per user; the oldest is closed (REPLACED) beyond it."
+    )
+    retention_s: int = Field(
+        30 * 86_400, description="Change log kept for resume; older cursors get ResyncRequired."
+    )
+
+
+class LimitsSettings(BaseModel):
+    """Payload and rate limits."""
+
+    max_message_bytes: int = Field(102_400, description="Largest message text (UTF-8 bytes).")
+    max_title_chars: int = Field(200, description="Longest thread title.")
+    max_participants: int = Field(100, description="Participants per thread.")
+    max_attachments: int = Field(10, description="Attachments per message.")
+    operations_per_minute: int = Field(60, description="Writes per user per minute.")
+    compression_threshold_bytes: int = Field(10_240, description="Frames from this size: gzip.")
+    idempotency_window_s: int = Field(
+        86_400, description="Client operation ids are remembered at least this long."
+    )
+
+
+class StorageSettings(BaseModel):
+    """File storage for uploads."""
+
+    backend: Literal["local", "gcs"] = Field("local", description="local disk or GCS.")
+    bucket: str = Field("", description="GCS bucket (backend=gcs).")
+    url_expiry_s: int = Field(900, description="Signed upload URLs expire after this.")
+    download_url_expiry_s: int = Field(300, description="Signed download URLs expire after this.")
+    max_upload_bytes: int = Field(25_000_000, description="Largest upload.")
+    allowed_content_types: list[str] = Field(
+        default_factory=lambda: [
+            "image/png",
+            "image/jpeg",
+            "image/gif",
+            "image/webp",
+            "application/pdf",
+            "text/plain",
+        ],
+        description="Content types uploads may declare.",
+    )
+    orphan_ttl_s: int = Field(86_400, description="Unfinished or unattached uploads are removed.")
+
+
+class CacheEntry(BaseModel):
+    """One cache's size and lifetime."""
+
+    max_size: int
+    ttl_s: float
+
+
+class CacheSettings(BaseModel):
+    """In-process caches."""
+
+    messages: CacheEntry = Field(
+        default_factory=lambda: CacheEntry(max_size=1000, ttl_s=300),
+        description="Recently read messages.",
+    )
+    threads: CacheEntry = Field(
+        default_factory=lambda: CacheEntry(max_size=100, ttl_s=900),
+        description="Thread participant lists.",
+    )
+    users: CacheEntry = Field(
+        default_factory=lambda: CacheEntry(max_size=500, ttl_s=1800),
+        description="Users already upserted from token claims.",
+    )
+
+
+class Settings(BaseSettings):
+    """All settings. Precedence: defaults < TOML file < THREADLINE_* environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="THREADLINE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    realtime: RealtimeSettings = Field(default_factory=RealtimeSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    caches: CacheSettings = Field(default_factory=CacheSettings)
+    log_level: str = Field("INFO", description="Logging level.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = os.environ.get("THREADLINE_CONFIG", "")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    @property
+    def database_url(self) -> str:
+        if self.database.url:
+            return self.database.url
+        return f"sqlite+aiosqlite:///{self.server.data_dir.resolve() / 'threadline.db'}"
+
+
+def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
+    """Builds the settings once; `config_file` wins over THREADLINE_CONFIG."""
+    if config_file:
+        os.environ["THREADLINE_CONFIG"] = config_file
+    return Settings(**overrides)
