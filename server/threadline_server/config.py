@@ -80,7 +80,9 @@ class AuthSettings(BaseModel):
     issuer: str = Field(
         "", description="Exact `iss`; empty in embedded mode means http://<host>:<http_port>."
     )
-    jwks_url: str = Field("", description="Key set URL; empty means {issuer}/.well-known/jwks.json.")
+    jwks_url: str = Field(
+        "", description="Key set URL; empty means {issuer}/.well-known/jwks.json."
+    )
     public_key_pem: str = Field(
         "", description="Verify with this PEM key instead of fetching JWKS (networkless)."
     )
@@ -197,13 +199,13 @@ class Settings(BaseSettings):
         env_prefix="THREADLINE_", env_nested_delimiter="__", extra="forbid"
     )
 
-    server: ServerSettings = Field(default_factory=ServerSettings)
-    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
-    auth: AuthSettings = Field(default_factory=AuthSettings)
-    realtime: RealtimeSettings = Field(default_factory=RealtimeSettings)
-    limits: LimitsSettings = Field(default_factory=LimitsSettings)
-    storage: StorageSettings = Field(default_factory=StorageSettings)
-    caches: CacheSettings = Field(default_factory=CacheSettings)
+    server: ServerSettings = ServerSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    auth: AuthSettings = AuthSettings()
+    realtime: RealtimeSettings = RealtimeSettings()
+    limits: LimitsSettings = LimitsSettings()
+    storage: StorageSettings = StorageSettings()
+    caches: CacheSettings = CacheSettings()
     log_level: str = Field("INFO", description="Logging level.")
 
     @classmethod

@@ -1,0 +1,215 @@
+"""Composition root: builds every adapter, wires the services, runs and drains the server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from threadline.v1 import (
+    realtime_service_pb2,
+    thread_service_pb2,
+    thread_service_pb2_grpc,
+    upload_service_pb2,
+    upload_service_pb2_grpc,
+    user_service_pb2,
+    user_service_pb2_grpc,
+)
+
+from threadline_server.auth import EmbeddedIssuer, TokenVerifier
+from threadline_server.config import Settings
+from threadline_server.domain.messages import GroupCommitter, Messaging
+from threadline_server.domain.threads import Threads
+from threadline_server.realtime.broker import LocalBroker
+from threadline_server.realtime.typing import TypingTracker
+from threadline_server.storage.db import Database, ensure_server_state, migrate
+from threadline_server.storage.store import SqlStore
+from threadline_server.transport import codec
+from threadline_server.transport.guard import Authenticator
+from threadline_server.transport.http import SideHttp
+from threadline_server.transport.realtime import (
+    FrameDispatcher,
+    RealtimeServicer,
+    add_realtime_servicer,
+)
+from threadline_server.transport.servicers import ThreadServicer, UploadServicer, UserServicer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    thread_service_pb2.DESCRIPTOR.services_by_name["ThreadService"].full_name,
+    realtime_service_pb2.DESCRIPTOR.services_by_name["RealtimeService"].full_name,
+    upload_service_pb2.DESCRIPTOR.services_by_name["UploadService"].full_name,
+    user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
+)
+
+
+@dataclass
+class Endpoints:
+    """Where a started server listens."""
+
+    grpc_port: int
+    http_port: int
+    issuer: str
+
+
+def embedded_issuer_url(settings: Settings, http_port: int) -> str:
+    return settings.auth.issuer or f"http://{settings.server.host}:{http_port}"
+
+
+class ThreadlineServer:
+    """The running service: gRPC server, side HTTP, database, broker and background tasks."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db = Database(
+            settings.database_url,
+            pool_size=settings.database.pool_size,
+            query_timeout_s=settings.database.query_timeout_s,
+            slow_query_s=settings.database.slow_query_s,
+            sqlite_synchronous=settings.database.sqlite_synchronous,
+        )
+        self.broker = LocalBroker(codec.encode_event, settings.realtime.max_connections_per_user)
+        self.store = SqlStore(self.db, self.broker.publish)
+        self.committer = GroupCommitter(self.store, settings.database.group_commit_max)
+        self.typing = TypingTracker(self.broker.publish, settings.realtime.typing_ttl_s)
+        self.server: grpc.aio.Server | None = None
+        self.http: SideHttp | None = None
+        self.verifier: TokenVerifier | None = None
+        self.issuer: EmbeddedIssuer | None = None
+        self.health = health.aio.HealthServicer()
+        self.realtime: RealtimeServicer | None = None
+        self.endpoints: Endpoints | None = None
+
+    async def start(self) -> Endpoints:
+        s = self.settings
+        s.server.data_dir.mkdir(parents=True, exist_ok=True)
+        if s.database.auto_migrate:
+            await migrate(s.database_url)
+        await self.db.check_durability()
+        await ensure_server_state(self.db, uuid.uuid4().hex)
+
+        # The side HTTP port must be known before the embedded issuer URL is.
+        if s.auth.mode == "embedded":
+            self.http = SideHttp(s.server.host, s.server.http_port, lambda: self._jwks())
+        else:
+            self.http = SideHttp(s.server.host, s.server.http_port, None)
+        http_port = await self.http.start()
+        if s.auth.mode == "embedded":
+            issuer = embedded_issuer_url(s, http_port)
+            self.issuer = EmbeddedIssuer.load_or_create(s.server.data_dir, issuer)
+            jwks_url = s.auth.jwks_url or f"{issuer}/.well-known/jwks.json"
+        else:
+            issuer = s.auth.issuer
+            jwks_url = s.auth.jwks_url or f"{issuer.rstrip('/')}/.well-known/jwks.json"
+        self.verifier = TokenVerifier(s.auth, issuer=issuer, jwks_url=jwks_url)
+        await self.verifier.start()
+
+        auth = Authenticator(
+            self.verifier, self.store.upsert_user, s.caches.users.max_size, s.caches.users.ttl_s
+        )
+        threads = Threads(self.store, s.limits)
+        messaging = Messaging(self.committer, s.limits)
+        self.committer.start()
+        dispatcher = FrameDispatcher(auth, self.store, threads, messaging, self.typing)
+        self.realtime = RealtimeServicer(s, auth, self.store, self.broker, dispatcher, self.typing)
+
+        server = grpc.aio.server(options=self._grpc_options())
+        thread_service_pb2_grpc.add_ThreadServiceServicer_to_server(
+            ThreadServicer(auth, threads), server
+        )
+        user_service_pb2_grpc.add_UserServiceServicer_to_server(
+            UserServicer(auth, self.store, self.broker), server
+        )
+        upload_service_pb2_grpc.add_UploadServiceServicer_to_server(UploadServicer(auth), server)
+        add_realtime_servicer(server, self.realtime)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        port = server.add_insecure_port(f"{s.server.host}:{s.server.port}")
+        await server.start()
+        self.server = server
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.endpoints = Endpoints(port, http_port, issuer)
+        return self.endpoints
+
+    def _jwks(self) -> dict[str, Any]:
+        assert self.issuer is not None
+        return self.issuer.jwks()
+
+    def _grpc_options(self) -> list[tuple[str, int]]:
+        s = self.settings.server
+        options = [
+            ("grpc.max_receive_message_length", s.max_receive_message_bytes),
+            ("grpc.max_send_message_length", s.max_send_message_bytes),
+            ("grpc.max_concurrent_streams", s.max_concurrent_streams),
+            ("grpc.server_handshake_timeout_ms", s.handshake_timeout_ms),
+            ("grpc.max_connection_idle_ms", s.max_connection_idle_ms),
+            ("grpc.keepalive_time_ms", s.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", s.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", s.min_ping_interval_ms),
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.so_reuseport", 0),
+        ]
+        if s.max_connection_age_ms:
+            options += [
+                ("grpc.max_connection_age_ms", s.max_connection_age_ms),
+                ("grpc.max_connection_age_grace_ms", s.max_connection_age_grace_ms),
+            ]
+        return options
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: stop accepting, tell streams to reconnect, finish in-flight writes, close."""
+        grace = self.settings.server.shutdown_grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.realtime is not None:
+            self.realtime.drain()
+        if self.server is not None:
+            await self.server.stop(grace)
+        await self.committer.stop()
+        if self.http is not None:
+            await self.http.stop()
+        if self.verifier is not None:
+            await self.verifier.close()
+        await self.db.dispose()
+
+    def mint(self, user_id: str, ttl_s: int | None = None, **claims: Any) -> str:
+        assert self.issuer is not None, "minting needs embedded auth mode"
+        return self.issuer.mint(
+            user_id, ttl_s=ttl_s or self.settings.auth.embedded_token_ttl_s, **claims
+        )
+
+
+async def serve(settings: Settings, on_started: object = None) -> None:
+    """Runs until SIGTERM or SIGINT, then drains."""
+    app = ThreadlineServer(settings)
+    endpoints = await app.start()
+    if callable(on_started):
+        on_started(app, endpoints)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutting down")
+    await app.stop()
+
+
+def mint_offline(settings: Settings, user_id: str, ttl_s: int | None, **claims: Any) -> str:
+    """`threadline token`: signs with the data directory's key for the configured issuer."""
+    issuer = embedded_issuer_url(settings, settings.server.http_port)
+    embedded = EmbeddedIssuer.load_or_create(settings.server.data_dir, issuer)
+    return embedded.mint(user_id, ttl_s=ttl_s or settings.auth.embedded_token_ttl_s, **claims)
+
+
+async def run_migrations(settings: Settings) -> None:
+    await migrate(settings.database_url)

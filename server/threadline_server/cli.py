@@ -1,0 +1,77 @@
+"""`threadline serve | migrate | token`: parse arguments, call app.py, print."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated
+
+import typer
+
+from threadline_server.app import Endpoints, ThreadlineServer, mint_offline, run_migrations, serve
+from threadline_server.config import Settings, load_settings
+
+cli = typer.Typer(help="Threadline: a gRPC-first realtime messaging backend.", no_args_is_help=True)
+
+ConfigOpt = Annotated[
+    str | None, typer.Option("--config", "-c", help="TOML config file (or THREADLINE_CONFIG).")
+]
+
+
+def _settings(config: str | None) -> Settings:
+    settings = load_settings(config)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return settings
+
+
+@cli.command("serve")
+def serve_cmd(config: ConfigOpt = None) -> None:
+    """Run the server until SIGTERM/SIGINT (then drain)."""
+    settings = _settings(config)
+
+    def started(app: ThreadlineServer, ep: Endpoints) -> None:
+        s = app.settings
+        storage = s.storage.backend if s.storage.backend == "local" else f"gcs:{s.storage.bucket}"
+        print(f"threadline: gRPC listening on {s.server.host}:{ep.grpc_port}", flush=True)
+        print(f"threadline: HTTP listening on {s.server.host}:{ep.http_port}", flush=True)
+        print(f"threadline: database {app.db.dialect} ({_redacted(s.database_url)})", flush=True)
+        print(f"threadline: storage {storage}; auth {s.auth.mode} (issuer {ep.issuer})", flush=True)
+
+    asyncio.run(serve(settings, started))
+
+
+@cli.command("migrate")
+def migrate_cmd(config: ConfigOpt = None) -> None:
+    """Apply pending schema migrations."""
+    settings = _settings(config)
+    asyncio.run(run_migrations(settings))
+    print(f"threadline: migrated {_redacted(settings.database_url)}")
+
+
+@cli.command("token")
+def token_cmd(
+    user_id: Annotated[str, typer.Argument(help="The user id (token subject).")],
+    ttl: Annotated[int | None, typer.Option(help="Lifetime in seconds.")] = None,
+    name: Annotated[str, typer.Option(help="Display name claim.")] = "",
+    config: ConfigOpt = None,
+) -> None:
+    """Mint a token signed by the embedded issuer (embedded auth mode only)."""
+    settings = _settings(config)
+    if settings.auth.mode != "embedded":
+        raise typer.BadParameter("tokens can only be minted in embedded auth mode")
+    claims = {"name": name} if name else {}
+    print(mint_offline(settings, user_id, ttl, **claims))
+
+
+def _redacted(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,116 @@
+"""Sending messages: validation, then group commit through one writer task.
+
+Messages arriving together from many streams share one transaction (see SqlStore.send_messages);
+each sender's result resolves only after that COMMIT, so an acknowledgement always means durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+from threadline_server.config import LimitsSettings
+from threadline_server.domain.ports import SendItem, SendOutcome, Store
+from threadline_server.domain.validation import (
+    Violations,
+    check_id,
+    check_op_id,
+    check_text,
+    payload_hash,
+)
+from threadline_server.errors import DomainError, Unavailable
+
+logger = logging.getLogger(__name__)
+
+
+class GroupCommitter:
+    """Collects pending sends and writes whatever has queued up in one transaction."""
+
+    def __init__(self, store: Store, max_batch: int) -> None:
+        self._store = store
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[tuple[SendItem, asyncio.Future[SendOutcome]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="group-committer")
+
+    async def stop(self) -> None:
+        """Finishes everything queued, then stops."""
+        if self._task is None:
+            return
+        await self._queue.join()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def submit(self, item: SendItem) -> SendOutcome:
+        if self._task is None:
+            raise Unavailable("SERVER_DRAINING", "server is shutting down")
+        future: asyncio.Future[SendOutcome] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, future))
+        # Shielded: a sender that hangs up mid-commit must not cancel its neighbours' batch.
+        return await asyncio.shield(future)
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                outcomes: Sequence[SendOutcome | DomainError] = await self._store.send_messages(
+                    [item for item, _ in batch]
+                )
+            except DomainError as exc:
+                outcomes = [exc] * len(batch)
+            except Exception:
+                logger.exception("group commit failed")
+                outcomes = [Unavailable("BACKEND_UNAVAILABLE", "write failed")] * len(batch)
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if not future.done():
+                    if isinstance(outcome, DomainError):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+                self._queue.task_done()
+
+
+class Messaging:
+    """Message use cases."""
+
+    def __init__(self, committer: GroupCommitter, limits: LimitsSettings) -> None:
+        self._committer = committer
+        self._limits = limits
+
+    async def send(
+        self,
+        actor: str,
+        *,
+        client_op_id: str,
+        thread_id: str,
+        text: str,
+        attachment_ids: Sequence[str],
+        field_prefix: str = "",
+    ) -> SendOutcome:
+        """Validates, then commits through the group committer. Idempotent on client_op_id."""
+        v = Violations()
+        check_op_id(v, f"{field_prefix}client_op_id", client_op_id, required=True)
+        check_id(v, f"{field_prefix}thread_id", thread_id, "thread_id")
+        check_text(v, f"{field_prefix}text", text, max_bytes=self._limits.max_message_bytes)
+        if attachment_ids:
+            # The contract has attachments; the storage feature that backs them comes later.
+            v.add(
+                f"{field_prefix}attachment_ids", "attachments are not supported by this server yet"
+            )
+        v.raise_if_any()
+        item = SendItem(
+            user_id=actor,
+            client_op_id=client_op_id,
+            thread_id=thread_id,
+            text=text,
+            payload_hash=payload_hash("send", thread_id=thread_id, text=text, attachments=[]),
+        )
+        return await self._committer.submit(item)

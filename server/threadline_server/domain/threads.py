@@ -1,0 +1,229 @@
+"""Thread use cases: create, read, list, change fields, archive, membership, read markers.
+
+Membership is checked by the store inside each transaction, so a non-participant gets NOT_FOUND
+exactly as for a missing thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from threadline_server.config import LimitsSettings
+from threadline_server.domain import paging
+from threadline_server.domain.models import Message, ReadMarker, Thread, ThreadSummary
+from threadline_server.domain.ports import OpKey, Store, ThreadChange, ThreadCursor
+from threadline_server.domain.validation import (
+    Violations,
+    check_description,
+    check_id,
+    check_op_id,
+    check_tags,
+    check_title,
+    check_user_ids,
+    page_size,
+    payload_hash,
+)
+
+UPDATABLE_FIELDS = ("title", "description", "tags")
+
+
+def op_key(user_id: str, client_op_id: str, kind: str, **fields: Any) -> OpKey | None:
+    if not client_op_id:
+        return None
+    return OpKey(user_id, client_op_id, payload_hash(kind, **fields))
+
+
+class Threads:
+    """Thread use cases for one caller at a time."""
+
+    def __init__(self, store: Store, limits: LimitsSettings) -> None:
+        self._store = store
+        self._limits = limits
+
+    async def create(
+        self,
+        actor: str,
+        *,
+        title: str,
+        description: str,
+        tags: Sequence[str],
+        participant_ids: Sequence[str],
+        client_op_id: str,
+    ) -> Thread:
+        """Creates a thread with the actor as a participant."""
+        v = Violations()
+        check_title(v, "thread.title", title, self._limits.max_title_chars)
+        check_description(v, "thread.description", description)
+        check_tags(v, "thread.tags", tags)
+        check_user_ids(v, "thread.participant_ids", participant_ids, self._limits.max_participants)
+        check_op_id(v, "client_op_id", client_op_id, required=False)
+        v.raise_if_any()
+        key = op_key(
+            actor,
+            client_op_id,
+            "create_thread",
+            title=title,
+            description=description,
+            tags=list(tags),
+            participants=sorted(set(participant_ids)),
+        )
+        thread, _ = await self._store.create_thread(
+            actor, title, description, tags, participant_ids, key
+        )
+        return thread
+
+    async def get(self, actor: str, thread_id: str) -> ThreadSummary:
+        v = Violations()
+        check_id(v, "thread_id", thread_id, "thread_id")
+        v.raise_if_any()
+        return await self._store.get_thread(actor, thread_id)
+
+    async def list_threads(
+        self, actor: str, *, archived: bool | None, size: int, token: str
+    ) -> tuple[list[ThreadSummary], str]:
+        v = Violations()
+        limit = page_size(v, "page_size", size)
+        v.raise_if_any()
+        params = {"archived": archived}
+        after = None
+        if token:
+            pos = paging.decode(token, params)
+            try:
+                after = ThreadCursor(datetime.fromisoformat(pos["a"]), str(pos["i"]))
+            except (KeyError, TypeError, ValueError):
+                v.add("page_token", "page_token is malformed")
+                v.raise_if_any()
+        items, cursor = await self._store.list_threads(actor, archived, limit, after)
+        next_token = ""
+        if cursor is not None:
+            next_token = paging.encode(
+                {"a": cursor.last_activity_at.isoformat(), "i": cursor.thread_id}, params
+            )
+        return items, next_token
+
+    async def update(
+        self,
+        actor: str,
+        thread_id: str,
+        values: dict[str, Any],
+        *,
+        expected_version: int,
+        client_op_id: str,
+    ) -> Thread:
+        """Changes title/description/tags; a stale `expected_version` is ABORTED."""
+        v = Violations()
+        check_id(v, "thread.id", thread_id, "thread id")
+        check_op_id(v, "client_op_id", client_op_id, required=False)
+        if not values:
+            v.add("update_mask", "update_mask must name at least one field")
+        for path in values:
+            if path not in UPDATABLE_FIELDS:
+                v.add("update_mask", f"unknown or read-only field {path!r}")
+        if "title" in values:
+            check_title(v, "thread.title", values["title"], self._limits.max_title_chars)
+        if "description" in values:
+            check_description(v, "thread.description", values["description"])
+        if "tags" in values:
+            check_tags(v, "thread.tags", values["tags"])
+        if expected_version < 0:
+            v.add("expected_version", "expected_version must not be negative")
+        v.raise_if_any()
+        key = op_key(
+            actor,
+            client_op_id,
+            "update_thread",
+            thread_id=thread_id,
+            values=values,
+            expected_version=expected_version,
+        )
+        change = ThreadChange(fields=dict(values), expected_version=expected_version)
+        return await self._changed(actor, thread_id, change, key)
+
+    async def set_archived(
+        self, actor: str, thread_id: str, archived: bool, client_op_id: str
+    ) -> Thread:
+        """Last write wins: no version check."""
+        self._check_target(thread_id, client_op_id)
+        key = op_key(actor, client_op_id, "archive", thread_id=thread_id, archived=archived)
+        return await self._changed(
+            actor, thread_id, ThreadChange(fields={"archived": archived}), key
+        )
+
+    async def add_participants(
+        self, actor: str, thread_id: str, user_ids: Sequence[str], client_op_id: str
+    ) -> Thread:
+        self._check_members(thread_id, user_ids, client_op_id)
+        key = op_key(actor, client_op_id, "add", thread_id=thread_id, users=sorted(set(user_ids)))
+        change = ThreadChange(add_participants=tuple(user_ids))
+        return await self._changed(actor, thread_id, change, key)
+
+    async def remove_participants(
+        self, actor: str, thread_id: str, user_ids: Sequence[str], client_op_id: str
+    ) -> Thread | None:
+        self._check_members(thread_id, user_ids, client_op_id)
+        key = op_key(
+            actor, client_op_id, "remove", thread_id=thread_id, users=sorted(set(user_ids))
+        )
+        change = ThreadChange(remove_participants=tuple(user_ids))
+        thread, _ = await self._store.change_thread(actor, thread_id, change, key)
+        return thread
+
+    async def delete(self, actor: str, thread_id: str, client_op_id: str) -> None:
+        self._check_target(thread_id, client_op_id)
+        key = op_key(actor, client_op_id, "delete_thread", thread_id=thread_id)
+        await self._store.change_thread(actor, thread_id, ThreadChange(delete=True), key)
+
+    async def list_messages(
+        self, actor: str, thread_id: str, *, forward: bool, start_seq: int, size: int, token: str
+    ) -> tuple[list[Message], str]:
+        v = Violations()
+        check_id(v, "thread_id", thread_id, "thread_id")
+        limit = page_size(v, "page_size", size)
+        if start_seq < 0:
+            v.add("start_seq", "start_seq must not be negative")
+        v.raise_if_any()
+        params = {"thread": thread_id, "forward": forward}
+        if token:
+            pos = paging.decode(token, params)
+            seq = pos.get("s")
+            if not isinstance(seq, int) or seq < 0:
+                v.add("page_token", "page_token is malformed")
+                v.raise_if_any()
+            start_seq = int(seq)  # type: ignore[arg-type]  # checked just above
+        items, more = await self._store.list_messages(
+            actor, thread_id, forward=forward, start_seq=start_seq, limit=limit
+        )
+        next_token = paging.encode({"s": items[-1].seq}, params) if more and items else ""
+        return items, next_token
+
+    async def mark_read(self, actor: str, thread_id: str, read_seq: int) -> ReadMarker:
+        v = Violations()
+        check_id(v, "thread_id", thread_id, "thread_id")
+        if read_seq < 0:
+            v.add("read_seq", "read_seq must not be negative")
+        v.raise_if_any()
+        return await self._store.mark_read(actor, thread_id, read_seq)
+
+    async def _changed(
+        self, actor: str, thread_id: str, change: ThreadChange, key: OpKey | None
+    ) -> Thread:
+        thread, _ = await self._store.change_thread(actor, thread_id, change, key)
+        assert thread is not None  # only deletion or self-removal yields None
+        return thread
+
+    def _check_target(self, thread_id: str, client_op_id: str) -> None:
+        v = Violations()
+        check_id(v, "thread_id", thread_id, "thread_id")
+        check_op_id(v, "client_op_id", client_op_id, required=False)
+        v.raise_if_any()
+
+    def _check_members(self, thread_id: str, user_ids: Sequence[str], client_op_id: str) -> None:
+        v = Violations()
+        check_id(v, "thread_id", thread_id, "thread_id")
+        check_op_id(v, "client_op_id", client_op_id, required=False)
+        if not user_ids:
+            v.add("user_ids", "at least one user id")
+        check_user_ids(v, "user_ids", user_ids, self._limits.max_participants)
+        v.raise_if_any()

@@ -1,0 +1,1 @@
+"""Live delivery: the broker and per-stream sessions (pre-encoded frames only)."""

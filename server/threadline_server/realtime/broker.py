@@ -1,0 +1,71 @@
+"""In-process broker: fans committed events out to the live streams of their recipients."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+
+from threadline_server.domain.models import Event
+from threadline_server.errors import Unavailable
+from threadline_server.realtime.session import EventBytes, StreamSession
+
+logger = logging.getLogger(__name__)
+
+# (event, for_author) -> the encoded frame; supplied by the transport layer.
+Encoder = Callable[[Event, bool], EventBytes]
+
+
+class LocalBroker:
+    """Delivers to sessions on this node. Each event is encoded at most twice (once for its
+    author's streams, which carry the client_op_id, once for everyone else), never per stream."""
+
+    def __init__(self, encode: Encoder, max_connections_per_user: int) -> None:
+        self._encode = encode
+        self._max_per_user = max_connections_per_user
+        self._by_user: dict[str, list[StreamSession]] = defaultdict(list)
+        self._by_id: dict[str, StreamSession] = {}
+
+    def subscribe(self, session: StreamSession, replaced_frame: Callable[[], bytes]) -> None:
+        """Registers a session; beyond the per-user cap the oldest is closed (REPLACED), since
+        refusing the new one would lock a user out behind dead connections after a network blip."""
+        sessions = self._by_user[session.user_id]
+        sessions.append(session)
+        self._by_id[session.session_id] = session
+        while len(sessions) > self._max_per_user:
+            oldest = sessions.pop(0)
+            self._by_id.pop(oldest.session_id, None)
+            error = Unavailable("REPLACED", "replaced by a newer connection", retry_after=0)
+            oldest.close(error, replaced_frame())
+
+    def unsubscribe(self, session: StreamSession) -> None:
+        sessions = self._by_user.get(session.user_id)
+        if sessions and session in sessions:
+            sessions.remove(session)
+            if not sessions:
+                del self._by_user[session.user_id]
+        self._by_id.pop(session.session_id, None)
+
+    def session(self, session_id: str) -> StreamSession | None:
+        return self._by_id.get(session_id)
+
+    def online(self, user_id: str) -> bool:
+        return bool(self._by_user.get(user_id))
+
+    def publish(self, events: list[Event]) -> None:
+        for event in events:
+            plain: EventBytes | None = None
+            authored: EventBytes | None = None
+            for user_id in event.recipients:
+                for session in self._by_user.get(user_id, ()):
+                    if event.client_op_id and user_id == event.actor_id:
+                        if authored is None:
+                            authored = self._encode(event, True)
+                        session.deliver(authored)
+                    else:
+                        if plain is None:
+                            plain = self._encode(event, False)
+                        session.deliver(plain)
+
+    def all_sessions(self) -> list[StreamSession]:
+        return list(self._by_id.values())

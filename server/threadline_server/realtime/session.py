@@ -1,0 +1,98 @@
+"""One live stream's state: its bounded outbound queue, activity, token expiry and closing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+from threadline_server.domain.models import Principal
+from threadline_server.errors import DomainError
+
+
+class EventBytes(bytes):
+    """One encoded `Event` (not yet a frame): consecutive ones are batched into one frame."""
+
+    change_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Ends the stream after the frames before it: an optional last frame, then the status."""
+
+    error: DomainError | None  # None: a clean end (the client half-closed)
+    final_frame: bytes | None = None
+
+
+class StreamSession:
+    """A subscriber of the broker. Frames are bytes already encoded by the transport, so an
+    event is serialized once for all of its recipients.
+
+    Overflow policy: when the queue is full the session drops everything queued, queues the
+    `overflow_frame` (ResyncRequired: slow consumer) and closes with RESOURCE_EXHAUSTED. The
+    client resumes from its cursor; nothing is lost silently.
+    """
+
+    def __init__(
+        self,
+        principal: Principal,
+        *,
+        max_frames: int,
+        min_change_seq: int = 0,
+    ) -> None:
+        self.session_id = uuid.uuid4().hex
+        self.principal = principal
+        self.user_id = principal.user_id
+        self.opened_at = time.monotonic()
+        self.last_activity = time.monotonic()
+        self.min_change_seq = min_change_seq
+        self._queue: asyncio.Queue[bytes | Close] = asyncio.Queue()
+        self._max_frames = max_frames
+        self.closing: Close | None = None
+        self.overflow: tuple[DomainError, bytes] | None = None
+
+    def deliver(self, frame: EventBytes) -> None:
+        """Called by the broker; never blocks the publisher."""
+        if self.closing is not None:
+            return
+        if self._queue.qsize() >= self._max_frames:
+            assert self.overflow is not None, "overflow frame must be set before subscribing"
+            error, final = self.overflow
+            self._drain()
+            self.close(error, final)
+            return
+        self._queue.put_nowait(frame)
+
+    def send(self, frame: bytes) -> None:
+        """A direct reply (Welcome, Pong, results): queued like events, in order."""
+        if self.closing is None:
+            self._queue.put_nowait(frame)
+
+    def close(self, error: DomainError | None, final_frame: bytes | None = None) -> None:
+        if self.closing is None:
+            self.closing = Close(error, final_frame)
+            self._queue.put_nowait(self.closing)
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def refresh(self, principal: Principal) -> None:
+        self.principal = principal
+
+    async def next(self) -> bytes | Close:
+        return await self._queue.get()
+
+    def stale(self, frame: bytes) -> bool:
+        """An event already covered by the snapshot or replay this stream started from."""
+        return isinstance(frame, EventBytes) and 0 < frame.change_seq <= self.min_change_seq
+
+    def next_nowait(self) -> bytes | Close | None:
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    def _drain(self) -> None:
+        while not self._queue.empty():
+            self._queue.get_nowait()

@@ -1,0 +1,1 @@
+"""gRPC transport: servicers, codec, status mapping, side HTTP listener."""

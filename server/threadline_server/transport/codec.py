@@ -1,0 +1,202 @@
+"""The only place protobuf meets the domain: records to messages, and pre-encoded frames."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from threadline.v1 import (
+    errors_pb2,
+    message_pb2,
+    realtime_pb2,
+    realtime_service_pb2,
+    thread_pb2,
+    user_pb2,
+)
+
+from threadline_server.domain import models
+from threadline_server.realtime.session import EventBytes
+
+
+def ts(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    out = Timestamp()
+    out.FromDatetime(value.astimezone(UTC))
+    return out
+
+
+def ts_epoch(seconds: float) -> Timestamp:
+    out = Timestamp()
+    out.FromNanoseconds(int(seconds * 1e9))
+    return out
+
+
+def thread(t: models.Thread) -> thread_pb2.Thread:
+    return thread_pb2.Thread(
+        name=f"threads/{t.id}",
+        id=t.id,
+        title=t.title,
+        description=t.description,
+        tags=list(t.tags),
+        participant_ids=list(t.participant_ids),
+        archived=t.archived,
+        creator_id=t.creator_id,
+        last_seq=t.last_seq,
+        version=t.version,
+        create_time=ts(t.created_at),
+        update_time=ts(t.updated_at),
+    )
+
+
+def message(m: models.Message) -> message_pb2.Message:
+    return message_pb2.Message(
+        name=f"threads/{m.thread_id}/messages/{m.id}",
+        id=m.id,
+        thread_id=m.thread_id,
+        seq=m.seq,
+        author_id=m.author_id,
+        text=m.text,
+        attachments=[
+            message_pb2.Attachment(
+                upload_id=a.upload_id,
+                file_name=a.file_name,
+                content_type=a.content_type,
+                size_bytes=a.size_bytes,
+                sha256=a.sha256,
+            )
+            for a in m.attachments
+        ],
+        version=m.version,
+        deleted=m.deleted,
+        create_time=ts(m.created_at),
+        update_time=ts(m.updated_at),
+    )
+
+
+def read_marker(r: models.ReadMarker) -> thread_pb2.ReadMarker:
+    return thread_pb2.ReadMarker(
+        thread_id=r.thread_id, user_id=r.user_id, read_seq=r.read_seq, unread_count=r.unread_count
+    )
+
+
+def summary(s: models.ThreadSummary) -> thread_pb2.ThreadSummary:
+    return thread_pb2.ThreadSummary(
+        thread=thread(s.thread),
+        unread_count=s.unread_count,
+        read_seq=s.read_seq,
+        last_message=message(s.last_message) if s.last_message else None,
+    )
+
+
+def user(u: models.User) -> user_pb2.User:
+    return user_pb2.User(
+        name=f"users/{u.id}",
+        id=u.id,
+        display_name=u.display_name,
+        email=u.email,
+        image_url=u.image_url,
+        create_time=ts(u.created_at),
+    )
+
+
+def preferences(p: models.Preferences) -> user_pb2.UserPreferences:
+    return user_pb2.UserPreferences(
+        theme=p.theme,  # type: ignore[arg-type]  # an int of the Theme enum
+        locale=p.locale,
+        time_zone=p.time_zone,
+        notifications_enabled=p.notifications_enabled,
+        version=p.version,
+    )
+
+
+def snapshot(
+    payload: models.Message | models.Thread | models.ReadMarker,
+) -> errors_pb2.ResourceSnapshot:
+    if isinstance(payload, models.Message):
+        return errors_pb2.ResourceSnapshot(message=message(payload))
+    if isinstance(payload, models.Thread):
+        return errors_pb2.ResourceSnapshot(thread=thread(payload))
+    return errors_pb2.ResourceSnapshot(read_marker=read_marker(payload))
+
+
+def event(e: models.Event, for_author: bool) -> realtime_pb2.Event:
+    out = realtime_pb2.Event(
+        change_seq=e.change_seq,
+        kind=e.kind.value,  # type: ignore[arg-type]  # mirrors EventKind
+        thread_id=e.thread_id,
+        thread_seq=e.thread_seq,
+        version=e.version,
+        client_op_id=e.client_op_id if for_author else "",
+        actor_id=e.actor_id,
+        create_time=ts(e.created_at),
+    )
+    p = e.payload
+    if isinstance(p, models.Message):
+        out.message.CopyFrom(message(p))
+    elif isinstance(p, models.Thread):
+        out.thread.CopyFrom(thread(p))
+    elif isinstance(p, models.ReadMarker):
+        out.read_marker.CopyFrom(read_marker(p))
+    elif isinstance(p, models.TypingState):
+        out.typing.CopyFrom(
+            realtime_pb2.TypingState(
+                thread_id=p.thread_id,
+                user_id=p.user_id,
+                active=p.active,
+                expire_time=ts_epoch(p.expires_at),
+            )
+        )
+    elif e.kind is models.EventKind.THREAD_REMOVED:
+        out.thread.CopyFrom(thread_pb2.Thread(name=f"threads/{e.thread_id}", id=e.thread_id))
+    return out
+
+
+def encode_event(e: models.Event, for_author: bool) -> EventBytes:
+    """Serializes an event once; the broker reuses the bytes for every recipient."""
+    out = EventBytes(event(e, for_author).SerializeToString())
+    out.change_seq = e.change_seq
+    return out
+
+
+# --- frames from pre-encoded parts ---------------------------------------------------------
+# Protobuf's wire format lets a message field be written as tag + length + bytes, and repeated
+# fields concatenate. So a frame of N events is assembled from their cached bytes without
+# re-serializing any of them. ConnectResponse and SubscribeResponse both hold the ServerFrame in
+# field 1, so one byte string serves both RPCs.
+
+_LEN = 2  # wire type: length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        bits = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+def _field(number: int, body: bytes) -> bytes:
+    return _varint(number << 3 | _LEN) + _varint(len(body)) + body
+
+
+def frame_bytes(frame: realtime_pb2.ServerFrame) -> bytes:
+    """A whole response message (ConnectResponse or SubscribeResponse) for one ServerFrame."""
+    return _field(1, frame.SerializeToString())
+
+
+def events_frame_bytes(events: Sequence[bytes], *, replay: bool = False) -> bytes:
+    batch = b"".join(_field(1, e) for e in events)
+    if replay:
+        batch += b"\x10\x01"  # EventBatch.replay = true
+    return _field(1, _field(4, batch))
+
+
+def decode_connect(data: bytes) -> realtime_service_pb2.ConnectResponse:
+    """For tests and debugging: bytes back into a ConnectResponse."""
+    return realtime_service_pb2.ConnectResponse.FromString(data)

@@ -1,0 +1,115 @@
+"""Authentication and error mapping around every servicer method (one class decorator)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from cachetools import TTLCache
+from grpc_status import rpc_status
+
+from threadline_server.domain.models import Principal
+from threadline_server.errors import DomainError, Unauthenticated
+from threadline_server.transport.status import internal_status, to_status
+
+
+class TokenVerifier(Protocol):
+    async def verify_authorization(self, values: list[str]) -> Principal: ...
+    async def verify_token(self, token: str) -> Principal: ...
+
+
+class Authenticator:
+    """Bearer metadata to a Principal; upserts the user from claims once per cache period."""
+
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        upsert_user: Callable[[Principal], Awaitable[None]],
+        cache_size: int,
+        cache_ttl_s: float,
+    ) -> None:
+        self.verifier = verifier
+        self._upsert = upsert_user
+        self._seen: TTLCache[tuple[str, str, str, str], bool] = TTLCache(cache_size, cache_ttl_s)
+
+    async def authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        values = [
+            v if isinstance(v, str) else v.decode("latin-1")
+            for k, v in (context.invocation_metadata() or ())
+            if k == "authorization"
+        ]
+        principal = await self.verifier.verify_authorization(values)
+        await self.remember(principal)
+        return principal
+
+    async def verify_refresh(self, current: Principal, token: str) -> Principal:
+        principal = await self.verifier.verify_token(token)
+        if (principal.issuer, principal.user_id) != (current.issuer, current.user_id):
+            raise Unauthenticated("TOKEN_INVALID", "refresh token is for another user")
+        await self.remember(principal)
+        return principal
+
+    async def remember(self, principal: Principal) -> None:
+        key = (principal.user_id, principal.display_name, principal.email, principal.image_url)
+        if key not in self._seen:
+            await self._upsert(principal)
+            self._seen[key] = True
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    if isinstance(exc, DomainError):
+        status = to_status(exc)
+    else:
+        status, _ = internal_status(exc)
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
+T = TypeVar("T")
+
+
+def guarded(cls: type[T]) -> type[T]:
+    """Wraps every RPC method (CamelCase) so that a principal is resolved first and any error
+    becomes a proper status: domain errors by the map, anything else a logged INTERNAL whose
+    text never reaches the client."""
+    for name, fn in list(vars(cls).items()):
+        if not name[:1].isupper() or not callable(fn):
+            continue
+        if inspect.isasyncgenfunction(fn):
+            setattr(cls, name, _wrap_stream(fn))
+        else:
+            setattr(cls, name, _wrap_unary(fn))
+    return cls
+
+
+def _wrap_unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: Any) -> Any:
+        try:
+            principal = await self.auth.authenticate(context)
+            return await fn(self, request, context, principal)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # the boundary: everything becomes a status
+            await abort(context, exc)
+            raise AssertionError("unreachable") from exc  # abort always raises
+
+    return wrapper
+
+
+def _wrap_stream(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: Any) -> Any:
+        try:
+            principal = await self.auth.authenticate(context)
+            async for item in fn(self, request, context, principal):
+                yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # the boundary: everything becomes a status
+            await abort(context, exc)
+
+    return wrapper

@@ -1,0 +1,528 @@
+"""RealtimeService: Connect, Subscribe and Submit share one frame dispatcher and one writer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+from grpc_status import rpc_status
+from threadline.v1 import errors_pb2
+from threadline.v1 import realtime_pb2 as rt
+from threadline.v1 import realtime_service_pb2 as rs
+
+from threadline_server.config import Settings
+from threadline_server.domain.messages import Messaging
+from threadline_server.domain.models import Principal
+from threadline_server.domain.ports import Store
+from threadline_server.domain.threads import Threads
+from threadline_server.errors import (
+    DeadlineExceeded,
+    DomainError,
+    NotFound,
+    NotImplementedYet,
+    ProtocolViolation,
+    RateLimited,
+    Unauthenticated,
+    Unavailable,
+)
+from threadline_server.realtime.broker import LocalBroker
+from threadline_server.realtime.session import Close, EventBytes, StreamSession
+from threadline_server.realtime.typing import TypingTracker
+from threadline_server.transport import codec
+from threadline_server.transport.guard import Authenticator, abort
+from threadline_server.transport.status import internal_status, to_status
+
+logger = logging.getLogger(__name__)
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+_CREATE, _UPDATE, _DELETE = 1, 2, 3
+_IN_FLIGHT_PER_STREAM = 64
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    out = duration_pb2.Duration()
+    out.FromNanoseconds(int(seconds * 1e9))
+    return out
+
+
+class FrameDispatcher:
+    """Handles one client frame for a principal; the same code serves Connect and Submit."""
+
+    def __init__(
+        self,
+        auth: Authenticator,
+        store: Store,
+        threads: Threads,
+        messaging: Messaging,
+        typing: TypingTracker,
+    ) -> None:
+        self.auth = auth
+        self.store = store
+        self.threads = threads
+        self.messaging = messaging
+        self.typing = typing
+
+    async def handle(
+        self, principal: Principal, session: StreamSession | None, frame: rt.ClientFrame
+    ) -> rt.ServerFrame | None:
+        kind = frame.WhichOneof("kind")
+        rid = frame.request_id
+        if kind == "ping":
+            return rt.ServerFrame(
+                request_id=rid,
+                pong=rt.Pong(
+                    client_time=frame.ping.client_time, server_time=codec.ts_epoch(time.time())
+                ),
+            )
+        if kind == "send_message":
+            return rt.ServerFrame(
+                request_id=rid, operation_result=await self._send(principal, frame)
+            )
+        if kind == "operation":
+            return rt.ServerFrame(
+                request_id=rid, operation_result=await self._operation(principal, frame.operation)
+            )
+        if kind == "ack":
+            return None
+        if kind == "typing":
+            members = await self.store.thread_members(frame.typing.thread_id)
+            if principal.user_id not in members:
+                raise NotFound("thread", frame.typing.thread_id)
+            self.typing.signal(
+                frame.typing.thread_id, principal.user_id, frame.typing.active, members
+            )
+            return None
+        if kind == "refresh_auth":
+            if session is None:
+                raise ProtocolViolation("refresh_auth needs a session_id")
+            fresh = await self.auth.verify_refresh(session.principal, frame.refresh_auth.token)
+            session.refresh(fresh)
+            return rt.ServerFrame(
+                request_id=rid,
+                auth_refreshed=rt.AuthRefreshed(token_expire_time=codec.ts_epoch(fresh.expires_at)),
+            )
+        if kind == "hello":
+            raise ProtocolViolation("hello is only allowed as the first frame")
+        raise ProtocolViolation("empty frame")
+
+    async def _send(self, principal: Principal, frame: rt.ClientFrame) -> rt.OperationResult:
+        m = frame.send_message
+        try:
+            outcome = await self.messaging.send(
+                principal.user_id,
+                client_op_id=m.client_op_id,
+                thread_id=m.thread_id,
+                text=m.text,
+                attachment_ids=list(m.attachment_ids),
+                field_prefix="send_message.",
+            )
+        except DomainError as exc:
+            return _rejected(m.client_op_id, exc)
+        return rt.OperationResult(
+            client_op_id=m.client_op_id,
+            confirmed=codec.snapshot(outcome.message),
+            change_seq=outcome.change_seq,
+            replayed=outcome.replayed,
+        )
+
+    async def _operation(self, principal: Principal, op: rt.Operation) -> rt.OperationResult:
+        user = principal.user_id
+        try:
+            resource = op.WhichOneof("resource")
+            if resource == "message" and op.kind == _CREATE:
+                outcome = await self.messaging.send(
+                    user,
+                    client_op_id=op.client_op_id,
+                    thread_id=op.message.thread_id,
+                    text=op.message.text,
+                    attachment_ids=[a.upload_id for a in op.message.attachments],
+                    field_prefix="operation.message.",
+                )
+                return rt.OperationResult(
+                    client_op_id=op.client_op_id,
+                    confirmed=codec.snapshot(outcome.message),
+                    change_seq=outcome.change_seq,
+                    replayed=outcome.replayed,
+                )
+            if resource == "thread":
+                t = op.thread
+                if op.kind == _CREATE:
+                    thread = await self.threads.create(
+                        user,
+                        title=t.title,
+                        description=t.description,
+                        tags=list(t.tags),
+                        participant_ids=list(t.participant_ids),
+                        client_op_id=op.client_op_id,
+                    )
+                    return _confirmed(op.client_op_id, codec.snapshot(thread))
+                if op.kind == _UPDATE:
+                    paths = set(op.update_mask.paths)
+                    if paths == {"archived"}:
+                        thread = await self.threads.set_archived(
+                            user, t.id, t.archived, op.client_op_id
+                        )
+                    else:
+                        values = {p: _thread_field(t, p) for p in paths}
+                        thread = await self.threads.update(
+                            user,
+                            t.id,
+                            values,
+                            expected_version=op.base_version,
+                            client_op_id=op.client_op_id,
+                        )
+                    return _confirmed(op.client_op_id, codec.snapshot(thread))
+                if op.kind == _DELETE:
+                    await self.threads.delete(user, t.id, op.client_op_id)
+                    return _confirmed(op.client_op_id, errors_pb2.ResourceSnapshot())
+            if resource == "read_marker" and op.kind == _UPDATE:
+                marker = await self.threads.mark_read(
+                    user, op.read_marker.thread_id, op.read_marker.read_seq
+                )
+                return _confirmed(op.client_op_id, codec.snapshot(marker))
+            raise NotImplementedYet("this operation is not supported yet")
+        except DomainError as exc:
+            return _rejected(op.client_op_id, exc)
+
+
+def _thread_field(t: Any, path: str) -> Any:
+    if path == "tags":
+        return list(t.tags)
+    if path in ("title", "description"):
+        return getattr(t, path)
+    return None
+
+
+def _confirmed(op_id: str, snapshot: Any) -> rt.OperationResult:
+    return rt.OperationResult(client_op_id=op_id, confirmed=snapshot)
+
+
+def _rejected(op_id: str, exc: DomainError) -> rt.OperationResult:
+    return rt.OperationResult(client_op_id=op_id, rejected=to_status(exc))
+
+
+class RealtimeServicer:
+    """The stream RPCs. Not guarded by the class decorator: streams authenticate at open and
+    then report per-operation errors in frames; only stream-fatal errors end the call."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        auth: Authenticator,
+        store: Store,
+        broker: LocalBroker,
+        dispatcher: FrameDispatcher,
+        typing: TypingTracker,
+    ) -> None:
+        self.settings = settings
+        self.auth = auth
+        self.store = store
+        self.broker = broker
+        self.dispatcher = dispatcher
+        self.typing = typing
+        self.draining = False
+
+    # ---- RPCs ---------------------------------------------------------------------------
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[rs.ConnectRequest], context: Ctx
+    ) -> AsyncIterator[bytes]:
+        try:
+            principal = await self.auth.authenticate(context)
+            first = await self._first_frame(request_iterator)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # the boundary
+            await abort(context, exc)
+            return
+        async for item in self._serve(context, principal, first, request_iterator):
+            yield item
+
+    async def Subscribe(self, request: rs.SubscribeRequest, context: Ctx) -> AsyncIterator[bytes]:
+        try:
+            principal = await self.auth.authenticate(context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # the boundary
+            await abort(context, exc)
+            return
+        first = rt.ClientFrame(hello=request.hello)
+        async for item in self._serve(context, principal, first, None):
+            yield item
+
+    async def Submit(self, request: rs.SubmitRequest, context: Ctx) -> rs.SubmitResponse:
+        try:
+            principal = await self.auth.authenticate(context)
+            session = None
+            if request.session_id:
+                session = self.broker.session(request.session_id)
+                if session is None or session.user_id != principal.user_id:
+                    raise NotFound("session", request.session_id)
+                session.touch()
+            reply = await self.dispatcher.handle(principal, session, request.frame)
+            return rs.SubmitResponse(frame=reply)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # the boundary
+            await abort(context, exc)
+            raise AssertionError("unreachable") from exc
+
+    # ---- the shared session machinery ---------------------------------------------------
+
+    async def _first_frame(self, requests: AsyncIterator[rs.ConnectRequest]) -> rt.ClientFrame:
+        timeout = self.settings.realtime.hello_timeout_s
+        try:
+            first = await asyncio.wait_for(anext(requests), timeout)
+        except TimeoutError as exc:
+            raise DeadlineExceeded("HELLO_TIMEOUT", "no hello frame received in time") from exc
+        except StopAsyncIteration as exc:
+            raise ProtocolViolation("stream closed before hello") from exc
+        if first.frame.WhichOneof("kind") != "hello":
+            raise ProtocolViolation("the first frame must be hello")
+        return first.frame
+
+    async def _serve(
+        self,
+        context: Ctx,
+        principal: Principal,
+        hello_frame: rt.ClientFrame,
+        requests: AsyncIterator[rs.ConnectRequest] | None,
+    ) -> AsyncIterator[bytes]:
+        if self.draining:
+            await abort(context, Unavailable("SERVER_DRAINING", "server is shutting down"))
+            return
+        rts = self.settings.realtime
+        session = StreamSession(principal, max_frames=rts.queue_max_frames)
+        session.overflow = (
+            _SlowConsumer(),
+            codec.frame_bytes(
+                rt.ServerFrame(
+                    resync_required=rt.ResyncRequired(reason=rt.RESYNC_REASON_SLOW_CONSUMER)
+                )
+            ),
+        )
+        # Subscribe before reading the cursor: an event committed meanwhile is either at or below
+        # the cursor (and dropped as stale) or above it (and delivered): no gap, no duplicate.
+        self.broker.subscribe(session, _replaced_frame)
+        reader: asyncio.Task[None] | None = None
+        try:
+            epoch, cursor = await self.store.current_change_seq()
+            session.min_change_seq = cursor
+            hello = hello_frame.hello
+            resuming = hello.HasField("sync_state")
+            yield codec.frame_bytes(self._welcome(session, epoch, hello_frame.request_id, resuming))
+            # Replay of a stored sync state is not implemented yet: say so explicitly
+            # (recovered=false means "reload from a snapshot"), never pretend to have recovered.
+            yield codec.frame_bytes(
+                rt.ServerFrame(
+                    sync_complete=rt.SyncComplete(
+                        change_seq=cursor,
+                        epoch=epoch,
+                        was_recovering=resuming,
+                        recovered=False,
+                    )
+                )
+            )
+            if requests is not None:
+                reader = asyncio.create_task(self._read(session, requests))
+            async for item in self._write(session):
+                yield item
+            closing = session.closing
+            if closing is not None and closing.error is not None:
+                await context.abort_with_status(rpc_status.to_status(to_status(closing.error)))
+        finally:
+            self.broker.unsubscribe(session)
+            if not self.broker.online(session.user_id):
+                self.typing.clear_user(session.user_id)
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
+
+    def _welcome(
+        self, session: StreamSession, epoch: str, request_id: str, resuming: bool
+    ) -> rt.ServerFrame:
+        s = self.settings
+        return rt.ServerFrame(
+            request_id=request_id,
+            welcome=rt.Welcome(
+                session_id=session.session_id,
+                epoch=epoch,
+                heartbeat_interval=_duration(s.realtime.heartbeat_interval_s),
+                idle_timeout=_duration(s.realtime.idle_timeout_s),
+                token_expire_time=codec.ts_epoch(session.principal.expires_at),
+                limits=rt.Limits(
+                    max_message_bytes=s.limits.max_message_bytes,
+                    max_frame_bytes=s.server.max_receive_message_bytes,
+                    operations_per_minute=s.limits.operations_per_minute,
+                    max_connections_per_user=s.realtime.max_connections_per_user,
+                    max_attachments_per_message=s.limits.max_attachments,
+                    replay_batch_size=s.realtime.replay_batch_size,
+                    compression_threshold_bytes=s.limits.compression_threshold_bytes,
+                ),
+                server_time=codec.ts_epoch(time.time()),
+                user_id=session.user_id,
+                resuming=resuming,
+            ),
+        )
+
+    async def _read(
+        self, session: StreamSession, requests: AsyncIterator[rs.ConnectRequest]
+    ) -> None:
+        """Reads client frames. Operations run as tasks so that pipelined sends from one stream
+        can share a group commit; their submit order (and so per-thread order) is preserved
+        because each task enqueues before its first await."""
+        limit = asyncio.Semaphore(_IN_FLIGHT_PER_STREAM)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            async for request in requests:
+                session.touch()
+                frame = request.frame
+                if frame.WhichOneof("kind") in ("send_message", "operation"):
+                    await limit.acquire()
+                    task = asyncio.create_task(self._dispatch(session, frame))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    task.add_done_callback(lambda _t: limit.release())
+                else:
+                    await self._dispatch(session, frame)
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            session.close(None)
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            raise
+        except Exception as exc:  # a broken request stream ends the session
+            logger.debug("stream reader ended: %s", type(exc).__name__)
+            session.close(None)
+
+    async def _dispatch(self, session: StreamSession, frame: rt.ClientFrame) -> None:
+        try:
+            reply = await self.dispatcher.handle(session.principal, session, frame)
+        except (Unauthenticated, ProtocolViolation) as exc:
+            session.close(exc, _error_frame(exc, can_resume=False))
+            return
+        except DomainError as exc:
+            reply = rt.ServerFrame(
+                request_id=frame.request_id,
+                error=rt.StreamError(status=to_status(exc), can_resume=True),
+            )
+            session.close(exc, codec.frame_bytes(reply))
+            return
+        except Exception as exc:  # a bug must not hang the stream
+            status, _ = internal_status(exc)
+            session.close(
+                Unavailable("INTERNAL", status.message),
+                codec.frame_bytes(rt.ServerFrame(error=rt.StreamError(status=status))),
+            )
+            return
+        if reply is not None:
+            session.send(codec.frame_bytes(reply))
+
+    async def _write(self, session: StreamSession) -> AsyncIterator[bytes]:
+        """Drains the session queue, batching consecutive events into one frame, and watches
+        idle time and token expiry."""
+        rts = self.settings.realtime
+        grace = self.settings.auth.leeway_s + self.settings.auth.refresh_grace_s
+        pending: bytes | Close | None = None
+        while True:
+            item = pending if pending is not None else session.next_nowait()
+            pending = None
+            if item is None:
+                try:
+                    item = await asyncio.wait_for(session.next(), timeout=1.0)
+                except TimeoutError:
+                    self._watchdog(session, rts.idle_timeout_s, grace)
+                    continue
+            if isinstance(item, Close):
+                if item.final_frame is not None:
+                    yield item.final_frame
+                return
+            if isinstance(item, EventBytes):
+                batch = [] if session.stale(item) else [item]
+                while len(batch) < rts.batch_max_events:
+                    nxt = session.next_nowait()
+                    if not isinstance(nxt, EventBytes):
+                        pending = nxt
+                        break
+                    if not session.stale(nxt):
+                        batch.append(nxt)
+                if batch:
+                    yield codec.events_frame_bytes(batch)
+                continue
+            yield item
+            self._watchdog(session, rts.idle_timeout_s, grace)
+
+    def _watchdog(self, session: StreamSession, idle_timeout: float, grace: float) -> None:
+        if time.time() > session.principal.expires_at + grace:
+            exc = Unauthenticated("TOKEN_EXPIRED", "token expired without refresh")
+            session.close(exc, _error_frame(exc, can_resume=False))
+        elif time.monotonic() - session.last_activity > idle_timeout:
+            exc2 = Unavailable("IDLE_TIMEOUT", "no frames within the idle timeout", retry_after=0)
+            session.close(exc2, _error_frame(exc2, can_resume=True))
+
+    def drain(self) -> None:
+        """SIGTERM: tell every stream to reconnect elsewhere and resume."""
+        self.draining = True
+        for session in self.broker.all_sessions():
+            exc = Unavailable("SERVER_DRAINING", "server is shutting down; reconnect", 1.0)
+            session.close(exc, _error_frame(exc, can_resume=True))
+
+
+class _SlowConsumer(RateLimited):
+    reason = "SLOW_CONSUMER"
+
+    def __init__(self) -> None:
+        super().__init__(0.0, "stream fell behind; resume from your cursor")
+
+
+def _error_frame(exc: DomainError, *, can_resume: bool) -> bytes:
+    retry = getattr(exc, "retry_after", 0.0)
+    return codec.frame_bytes(
+        rt.ServerFrame(
+            error=rt.StreamError(
+                status=to_status(exc), retry_after=_duration(retry), can_resume=can_resume
+            )
+        )
+    )
+
+
+def _replaced_frame() -> bytes:
+    exc = Unavailable("REPLACED", "replaced by a newer connection", retry_after=0)
+    return _error_frame(exc, can_resume=True)
+
+
+def _passthrough(message: Any) -> bytes:
+    """Frames arrive pre-encoded (events are serialized once for all recipients)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def add_realtime_servicer(server: grpc.aio.Server, servicer: RealtimeServicer) -> None:
+    """Like the generated add_…_to_server, but the stream responses may be raw bytes."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Connect": grpc.stream_stream_rpc_method_handler(
+            servicer.Connect,
+            request_deserializer=rs.ConnectRequest.FromString,
+            response_serializer=_passthrough,
+        ),
+        "Subscribe": grpc.unary_stream_rpc_method_handler(
+            servicer.Subscribe,
+            request_deserializer=rs.SubscribeRequest.FromString,
+            response_serializer=_passthrough,
+        ),
+        "Submit": grpc.unary_unary_rpc_method_handler(
+            servicer.Submit,
+            request_deserializer=rs.SubmitRequest.FromString,
+            response_serializer=rs.SubmitResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("threadline.v1.RealtimeService", handlers),)
+    )
