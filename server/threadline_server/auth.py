@@ -121,7 +121,8 @@ def _check_key_size(bits: int) -> None:
 def parse_jwk(jwk: Mapping[str, Any]) -> tuple[str, rsa.RSAPublicKey]:
     """(kid, key) for a JWK usable to verify RS256; ValueError for anything else."""
     kid = jwk.get("kid")
-    if not isinstance(kid, str) or not _KID_RE.fullmatch(kid):
+    # No format check: a token's kid is checked before lookup, so an odd kid here never matches.
+    if not isinstance(kid, str):
         raise ValueError("kid")
     if jwk.get("kty") != "RSA" or jwk.get("use", "sig") != "sig":
         raise ValueError("kty/use")
@@ -243,11 +244,13 @@ class JwksCache:
         """The key named `kid`: Unauthenticated if the issuer has none, Unavailable if unknown."""
         now = self._clock()
         good = self._good
+        fresh = good is not None and now - good.fetched_at < self._ttl_s
+        if good is not None and fresh:
+            key = good.keys.get(kid)
+            if key is not None:
+                return key  # even while a fetch runs: a known kid in a fresh set waits for nothing
         if self._inflight is None:
-            if good is not None and now - good.fetched_at < self._ttl_s:
-                key = good.keys.get(kid)
-                if key is not None:
-                    return key
+            if fresh:
                 # An unknown kid may be a rotation: refetch, but at most once per cooldown, so a
                 # stream of made-up kids cannot turn into a stream of fetches.
                 if not self._elapsed(now, self._cooldown_s):
