@@ -20,7 +20,7 @@ import re
 import secrets
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -334,8 +334,6 @@ class JwksCache:
         async with self._session.get(self._url, allow_redirects=False) as response:
             if response.status != 200:
                 raise ValueError(f"JWKS endpoint answered HTTP {response.status}")
-            if (response.content_length or 0) > MAX_JWKS_BYTES:
-                raise ValueError("JWKS document too large")
             body = bytearray()
             async for chunk in response.content.iter_chunked(65536):
                 body += chunk
@@ -453,7 +451,7 @@ class TokenVerifier:
     async def close(self) -> None:
         await self._keys.close()
 
-    async def verify_authorization(self, values: list[str]) -> Principal:
+    async def verify_authorization(self, values: Sequence[str]) -> Principal:
         """Verifies the call's `authorization` metadata values: exactly one `Bearer <jwt>`."""
         if not values:
             raise _missing()
@@ -522,45 +520,65 @@ class TokenVerifier:
             raise _invalid() from None
 
     def _principal(self, claims: dict[str, Any]) -> Principal:
-        settings = self._settings
-        if not all(_is_number(claims[name]) for name in ("exp", "nbf", "iat")):
-            raise _invalid()
-        sub, sid, azp = claims["sub"], claims["sid"], claims.get("azp")
-        if not isinstance(claims["iss"], str) or not isinstance(sub, str):
-            raise _invalid()
-        if not sub or not self._subject_re.fullmatch(sub):
-            raise _invalid()
-        if azp is not None and not isinstance(azp, str):
-            raise _invalid()
-        if self._parties:
-            if azp is None and not settings.allow_missing_azp:
-                raise _invalid()
-            if azp is not None and azp not in self._parties:
-                raise _invalid()
-        if not isinstance(sid, str) or not sid:
-            raise _invalid()
-        if claims.get("sts") == "pending" and settings.reject_pending_sessions:
-            raise SessionPending("session pending")
+        """Steps 5 to 9 on decoded claims, then the Principal they describe."""
+        self._check_types(claims)
+        self._check_azp(claims.get("azp"))
+        self._check_session(claims)
         version = claims.get("v")
         if version is not None and (isinstance(version, bool) or version != 2):
             raise _invalid()
-        actor = ""
-        if "act" in claims:
-            act = claims["act"]
-            if not isinstance(act, dict) or not isinstance(act.get("sub"), str) or not act["sub"]:
-                raise _invalid()
-            actor = act["sub"]
-            logger.info("impersonated session accepted", extra={"user_id": sub, "actor": actor})
         return Principal(
-            user_id=sub,
+            user_id=claims["sub"],
             issuer=claims["iss"],
-            session_id=sid,
+            session_id=claims["sid"],
             expires_at=float(claims["exp"]),
             display_name=_optional_str(claims, "name", "username"),
             email=_optional_str(claims, "email"),
             image_url=_optional_str(claims, "image_url", "picture"),
-            actor=actor,
+            actor=self._actor(claims),
         )
+
+    def _check_types(self, claims: Mapping[str, Any]) -> None:
+        if not all(_is_number(claims[name]) for name in ("exp", "nbf", "iat")):
+            raise _invalid()
+        sub = claims["sub"]
+        if not isinstance(claims["iss"], str) or not isinstance(sub, str):
+            raise _invalid()
+        # fullmatch, not match: a pattern ending in `$` would still accept a trailing newline.
+        if not sub or not self._subject_re.fullmatch(sub):
+            raise _invalid()
+
+    def _check_azp(self, azp: object) -> None:
+        if azp is not None and not isinstance(azp, str):
+            raise _invalid()
+        if not self._parties:
+            return
+        if azp is None:
+            if not self._settings.allow_missing_azp:
+                raise _invalid()
+        elif azp not in self._parties:
+            raise _invalid()
+
+    def _check_session(self, claims: Mapping[str, Any]) -> None:
+        # A JWT-template token carries no sid: only session tokens may open a session here.
+        sid = claims["sid"]
+        if not isinstance(sid, str) or not sid:
+            raise _invalid()
+        if claims.get("sts") == "pending" and self._settings.reject_pending_sessions:
+            raise SessionPending("session pending")
+
+    @staticmethod
+    def _actor(claims: Mapping[str, Any]) -> str:
+        if "act" not in claims:
+            return ""
+        act = claims["act"]
+        if not isinstance(act, dict) or not isinstance(act.get("sub"), str) or not act["sub"]:
+            raise _invalid()
+        actor: str = act["sub"]
+        logger.info(
+            "impersonated session accepted", extra={"user_id": claims["sub"], "actor": actor}
+        )
+        return actor
 
 
 PRIVATE_KEY_FILE = "jwt_signing_key.pem"

@@ -431,6 +431,8 @@ class RealtimeServicer:
         idle time and token expiry."""
         rts = self.settings.realtime
         grace = self.settings.auth.leeway_s + self.settings.auth.refresh_grace_s
+        # A batch frame stays well under the send limit (a message is at most ~100 KiB).
+        budget = self.settings.server.max_send_message_bytes // 2
         pending: bytes | Close | None = None
         while True:
             item = pending if pending is not None else session.next_nowait()
@@ -447,13 +449,15 @@ class RealtimeServicer:
                 return
             if isinstance(item, EventBytes):
                 batch = [] if session.stale(item) else [item]
+                size = len(item)
                 while len(batch) < rts.batch_max_events:
                     nxt = session.next_nowait()
-                    if not isinstance(nxt, EventBytes):
+                    if not isinstance(nxt, EventBytes) or size + len(nxt) > budget:
                         pending = nxt
                         break
                     if not session.stale(nxt):
                         batch.append(nxt)
+                        size += len(nxt)
                 if batch:
                     yield codec.events_frame_bytes(batch)
                 continue

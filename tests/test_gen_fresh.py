@@ -1,0 +1,27 @@
+"""gen/ must be exactly what .ci/gen produces from protos/ (stale generated code fails here)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(path)): p.read_bytes()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+
+
+def test_generated_code_is_fresh(tmp_path):
+    out = tmp_path / "python"
+    subprocess.run(
+        [str(ROOT / ".ci" / "gen"), str(out)], check=True, capture_output=True, timeout=300
+    )
+    committed, fresh = _tree(ROOT / "gen" / "python"), _tree(out)
+    assert sorted(committed) == sorted(fresh), "gen/ has missing or extra files: run .ci/gen"
+    stale = [name for name in fresh if committed[name] != fresh[name]]
+    assert not stale, f"stale generated files (run .ci/gen): {stale}"
