@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from threadline.v1 import (
     realtime_service_pb2,
     thread_service_pb2,
@@ -21,7 +22,6 @@ from threadline.v1 import (
     user_service_pb2,
     user_service_pb2_grpc,
 )
-
 from threadline_server.auth import EmbeddedIssuer, TokenVerifier
 from threadline_server.config import Settings
 from threadline_server.domain.messages import GroupCommitter, Messaging

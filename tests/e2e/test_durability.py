@@ -7,13 +7,13 @@ import contextlib
 
 import grpc
 import pytest
-from threadline.v1 import thread_pb2
-from threadline.v1 import thread_service_pb2 as ts
-from threadline.v1 import thread_service_pb2_grpc as tsg
 
 from tests.conftest import bearer
 from tests.support.process import ServerProcess
 from tests.support.raw_stream import RawStream
+from threadline.v1 import thread_pb2
+from threadline.v1 import thread_service_pb2 as ts
+from threadline.v1 import thread_service_pb2_grpc as tsg
 
 
 @pytest.fixture

@@ -6,14 +6,14 @@ import asyncio
 
 import grpc
 import pytest
-from threadline.v1 import realtime_pb2 as rt
-from threadline.v1 import thread_pb2
-from threadline.v1 import thread_service_pb2 as ts
-from threadline.v1 import thread_service_pb2_grpc as tsg
 
 from tests.conftest import bearer
 from tests.support.raw_stream import RawStream
 from tests.support.rpc import status_details
+from threadline.v1 import realtime_pb2 as rt
+from threadline.v1 import thread_pb2
+from threadline.v1 import thread_service_pb2 as ts
+from threadline.v1 import thread_service_pb2_grpc as tsg
 
 
 async def create_thread(channel: grpc.aio.Channel, tok: str, *participants: str) -> str:

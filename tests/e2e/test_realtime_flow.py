@@ -6,14 +6,14 @@ import asyncio
 
 import grpc
 import pytest
-from threadline.v1 import realtime_pb2 as rt
-from threadline.v1 import realtime_service_pb2 as rs
-from threadline.v1 import realtime_service_pb2_grpc as rsg
 
 from tests.conftest import bearer
 from tests.e2e.test_realtime_delivery import create_thread
 from tests.support.raw_stream import RawStream
 from tests.support.rpc import details
+from threadline.v1 import realtime_pb2 as rt
+from threadline.v1 import realtime_service_pb2 as rs
+from threadline.v1 import realtime_service_pb2_grpc as rsg
 from threadline_server.app import ThreadlineServer
 
 

@@ -8,13 +8,13 @@ import json
 
 import grpc
 import pytest
-from threadline.v1 import realtime_pb2 as rt
-from threadline.v1 import thread_service_pb2 as ts
-from threadline.v1 import thread_service_pb2_grpc as tsg
 
 from tests.conftest import bearer
 from tests.support.raw_stream import RawStream
 from tests.support.rpc import details
+from threadline.v1 import realtime_pb2 as rt
+from threadline.v1 import thread_service_pb2 as ts
+from threadline.v1 import thread_service_pb2_grpc as tsg
 from threadline_server.app import ThreadlineServer
 
 

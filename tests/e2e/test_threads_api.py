@@ -5,15 +5,15 @@ from __future__ import annotations
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
+
+from tests.conftest import bearer
+from tests.support.raw_stream import RawStream
+from tests.support.rpc import details
 from threadline.v1 import thread_pb2, user_pb2
 from threadline.v1 import thread_service_pb2 as ts
 from threadline.v1 import thread_service_pb2_grpc as tsg
 from threadline.v1 import user_service_pb2 as us
 from threadline.v1 import user_service_pb2_grpc as usg
-
-from tests.conftest import bearer
-from tests.support.raw_stream import RawStream
-from tests.support.rpc import details
 
 
 @pytest.fixture

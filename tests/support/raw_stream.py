@@ -7,6 +7,7 @@ import itertools
 from collections.abc import AsyncIterator
 
 import grpc
+
 from threadline.v1 import realtime_pb2 as rt
 from threadline.v1 import realtime_service_pb2 as rs
 from threadline.v1 import realtime_service_pb2_grpc as rsg

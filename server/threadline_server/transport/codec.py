@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
+
 from threadline.v1 import (
     errors_pb2,
     message_pb2,
@@ -14,7 +15,6 @@ from threadline.v1 import (
     thread_pb2,
     user_pb2,
 )
-
 from threadline_server.domain import models
 from threadline_server.realtime.session import EventBytes
 

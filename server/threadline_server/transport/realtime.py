@@ -12,10 +12,10 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2
 from grpc_status import rpc_status
+
 from threadline.v1 import errors_pb2
 from threadline.v1 import realtime_pb2 as rt
 from threadline.v1 import realtime_service_pb2 as rs
-
 from threadline_server.config import Settings
 from threadline_server.domain.messages import Messaging
 from threadline_server.domain.models import Principal

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
 from threadline.v1 import (
     thread_service_pb2 as ts,
 )
@@ -19,7 +20,6 @@ from threadline.v1 import (
 from threadline.v1 import (
     user_service_pb2 as usr,
 )
-
 from threadline_server.domain.models import Principal
 from threadline_server.domain.ports import Broker, Store
 from threadline_server.domain.threads import Threads
