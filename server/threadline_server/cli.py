@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from threadline_server.app import Endpoints, ThreadlineServer, mint_offline, run_migrations, serve
-from threadline_server.config import Settings, load_settings
+from threadline_server.config import Settings, config_table, load_settings
 
 cli = typer.Typer(help="Threadline: a gRPC-first realtime messaging backend.", no_args_is_help=True)
 
@@ -64,6 +64,12 @@ def token_cmd(
         raise typer.BadParameter("tokens can only be minted in embedded auth mode")
     claims = {"name": name} if name else {}
     print(mint_offline(settings, user_id, ttl, **claims))
+
+
+@cli.command("config-table")
+def config_table_cmd() -> None:
+    """Print the Markdown table of every setting (as in docs/config.md)."""
+    print(config_table(), end="")
 
 
 def _redacted(url: str) -> str:

@@ -235,3 +235,34 @@ def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
     if config_file:
         os.environ["THREADLINE_CONFIG"] = config_file
     return Settings(**overrides)
+
+
+def config_table() -> str:
+    """The Markdown table of every setting (docs/config.md and the README embed it)."""
+    rows = [
+        "| setting | environment variable | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    defaults = Settings.model_construct()
+    for section, info in Settings.model_fields.items():
+        model = getattr(defaults, section)
+        if not isinstance(model, BaseModel):
+            rows.append(_row(section, f"THREADLINE_{section.upper()}", model, info.description))
+            continue
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            env = f"THREADLINE_{section.upper()}__{name.upper()}"
+            rows.append(_row(f"{section}.{name}", env, value, field.description))
+    return "\n".join(rows) + "\n"
+
+
+def _row(name: str, env: str, value: Any, description: str | None) -> str:
+    if isinstance(value, BaseModel):
+        shown = ", ".join(f"{k}={v}" for k, v in value.model_dump().items())
+    elif isinstance(value, list):
+        shown = ", ".join(str(v) for v in value) or "(empty)"
+    elif value == "":
+        shown = "(empty)"
+    else:
+        shown = str(value)
+    return f"| `{name}` | `{env}` | {shown} | {description or ''} |"
