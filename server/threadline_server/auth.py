@@ -567,12 +567,13 @@ class TokenVerifier:
         if claims.get("sts") == "pending" and self._settings.reject_pending_sessions:
             raise SessionPending("session pending")
 
-    @staticmethod
-    def _actor(claims: Mapping[str, Any]) -> str:
+    def _actor(self, claims: Mapping[str, Any]) -> str:
         if "act" not in claims:
             return ""
         act = claims["act"]
         if not isinstance(act, dict) or not isinstance(act.get("sub"), str) or not act["sub"]:
+            raise _invalid()
+        if not self._settings.allow_impersonation:
             raise _invalid()
         actor: str = act["sub"]
         logger.info(

@@ -109,6 +109,9 @@ class AuthSettings(BaseModel):
         r"^[A-Za-z0-9_.@:-]{1,128}$", description="Allowed `sub` (Clerk: ^user_[A-Za-z0-9]+$)."
     )
     reject_pending_sessions: bool = Field(True, description="Refuse `sts: pending` tokens.")
+    allow_impersonation: bool = Field(
+        True, description="Accept tokens with an `act` claim (admin impersonation; logged)."
+    )
     embedded_token_ttl_s: int = Field(3600, description="Lifetime of `threadline token` tokens.")
 
 

@@ -149,3 +149,20 @@ async def test_connection_cap_closes_the_oldest_stream(tuned):
         ping = s.send(rt.ClientFrame(ping=rt.Ping()))
         assert (await s.reply_to(ping)).WhichOneof("kind") == "pong"
         s.cancel()
+
+
+async def test_typing_in_an_invisible_thread_is_dropped_and_stream_survives(tuned):
+    app, channel = tuned
+    thread_id = await create_thread(channel, app.mint("alice", 600), "bob")
+    carol, bob = (
+        RawStream(channel, app.mint("carol", 600)),
+        RawStream(channel, app.mint("bob", 600)),
+    )
+    await carol.hello()
+    await bob.hello()
+    carol.send(rt.ClientFrame(typing=rt.Typing(thread_id=thread_id, active=True)))
+    await bob.no_event()
+    ping = carol.send(rt.ClientFrame(ping=rt.Ping()))
+    assert (await carol.reply_to(ping)).WhichOneof("kind") == "pong"
+    carol.cancel()
+    bob.cancel()

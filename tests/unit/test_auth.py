@@ -153,6 +153,14 @@ async def test_malformed_act_is_refused(verifier: TokenVerifier, jwks: JwksServe
     await invalid(verifier.verify_token(jwks.mint(act="user_admin")))
 
 
+async def test_impersonation_refused_when_disabled(
+    make_verifier: MakeVerifier, jwks: JwksServer
+) -> None:
+    strict = make_verifier(allow_impersonation=False)
+    await invalid(strict.verify_token(jwks.mint(act={"sub": "user_admin"})))
+    assert (await strict.verify_token(jwks.mint())).actor == ""
+
+
 @pytest.mark.parametrize("values", [[], [""], ["  "]])
 async def test_missing_authorization(verifier: TokenVerifier, values: list[str]) -> None:
     await expect(verifier.verify_authorization(values), "UNAUTHENTICATED", "TOKEN_MISSING")

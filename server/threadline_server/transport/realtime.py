@@ -43,6 +43,7 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 _CREATE, _UPDATE, _DELETE = 1, 2, 3
 _IN_FLIGHT_PER_STREAM = 64
+_ADVISORY = ("typing", "ack")
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -410,6 +411,12 @@ class RealtimeServicer:
             session.close(exc, _error_frame(exc, can_resume=False))
             return
         except DomainError as exc:
+            if frame.WhichOneof("kind") in _ADVISORY:
+                # Typing and acks change nothing durable; an invalid one (say, typing in a thread
+                # the user cannot see) is dropped rather than ending the stream or leaking that
+                # the thread exists.
+                logger.debug("dropped %s frame: %s", frame.WhichOneof("kind"), exc.reason)
+                return
             reply = rt.ServerFrame(
                 request_id=frame.request_id,
                 error=rt.StreamError(status=to_status(exc), can_resume=True),
