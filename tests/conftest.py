@@ -20,7 +20,17 @@ from threadline_server.config import Settings
 from threadline_server.storage.db import migrate
 
 PG_URL = os.environ.get("THREADLINE_TEST_DATABASE_URL", "")
-TABLES = ("changes", "operations", "messages", "thread_members", "threads", "users", "server_state")
+TABLES = (
+    "changes",
+    "operations",
+    "message_revisions",
+    "thread_revisions",
+    "messages",
+    "thread_members",
+    "threads",
+    "users",
+    "server_state",
+)
 
 
 @pytest.fixture(autouse=True)

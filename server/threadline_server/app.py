@@ -115,7 +115,7 @@ class ThreadlineServer:
             self.verifier, self.store.upsert_user, s.caches.users.max_size, s.caches.users.ttl_s
         )
         threads = Threads(self.store, s.limits)
-        messaging = Messaging(self.committer, s.limits)
+        messaging = Messaging(self.committer, self.store, s.limits)
         self.committer.start()
         dispatcher = FrameDispatcher(auth, self.store, threads, messaging, self.typing)
         self.realtime = RealtimeServicer(s, auth, self.store, self.broker, dispatcher, self.typing)

@@ -110,6 +110,30 @@ class VersionMismatch(DomainError):
         self.current_version = current_version
 
 
+class MergeConflict(DomainError):
+    """An update made from an old version overlaps a concurrent change.
+
+    On the stream this is a result (OperationResult.conflict), not an error: it carries the
+    base, server and client states so the client can resolve and resubmit.
+    """
+
+    code = "ABORTED"
+    reason = "VERSION_MISMATCH"
+
+    def __init__(
+        self, base: object, server: object, client: object, server_version: int, fields: list[str]
+    ) -> None:
+        super().__init__(
+            f"conflicting concurrent change to {', '.join(fields)}",
+            metadata={"current_version": str(server_version)},
+        )
+        self.base = base
+        self.server = server
+        self.client = client
+        self.server_version = server_version
+        self.fields = fields
+
+
 class FailedPrecondition(DomainError):
     """The system is not in a state that allows the operation."""
 

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 
 from threadline_server.config import LimitsSettings
-from threadline_server.domain.ports import SendItem, SendOutcome, Store
+from threadline_server.domain.ports import OpKey, SendItem, SendOutcome, Store
 from threadline_server.domain.validation import (
     Violations,
     check_id,
@@ -81,8 +81,9 @@ class GroupCommitter:
 class Messaging:
     """Message use cases."""
 
-    def __init__(self, committer: GroupCommitter, limits: LimitsSettings) -> None:
+    def __init__(self, committer: GroupCommitter, store: Store, limits: LimitsSettings) -> None:
         self._committer = committer
+        self._store = store
         self._limits = limits
 
     async def send(
@@ -114,3 +115,45 @@ class Messaging:
             payload_hash=payload_hash("send", thread_id=thread_id, text=text, attachments=[]),
         )
         return await self._committer.submit(item)
+
+    async def edit(
+        self,
+        actor: str,
+        *,
+        client_op_id: str,
+        message_id: str,
+        text: str,
+        base_version: int,
+        field_prefix: str = "",
+    ) -> SendOutcome:
+        """Edits the actor's own message; an edit from an older version is merged three-way."""
+        v = Violations()
+        check_op_id(v, f"{field_prefix}client_op_id", client_op_id, required=True)
+        check_id(v, f"{field_prefix}message.id", message_id, "message id")
+        check_text(v, f"{field_prefix}message.text", text, max_bytes=self._limits.max_message_bytes)
+        if base_version < 0:
+            v.add(f"{field_prefix}base_version", "base_version must not be negative")
+        v.raise_if_any()
+        key = OpKey(
+            actor,
+            client_op_id,
+            payload_hash("edit", message_id=message_id, text=text, base_version=base_version),
+        )
+        message, seq, replayed = await self._store.change_message(
+            actor, message_id, text=text, base_version=base_version, op=key
+        )
+        return SendOutcome(message, seq, replayed)
+
+    async def delete(
+        self, actor: str, *, client_op_id: str, message_id: str, field_prefix: str = ""
+    ) -> SendOutcome:
+        """Deletes the actor's own message, leaving a tombstone that keeps its seq."""
+        v = Violations()
+        check_op_id(v, f"{field_prefix}client_op_id", client_op_id, required=True)
+        check_id(v, f"{field_prefix}message.id", message_id, "message id")
+        v.raise_if_any()
+        key = OpKey(actor, client_op_id, payload_hash("delete_message", message_id=message_id))
+        message, seq, replayed = await self._store.change_message(
+            actor, message_id, text=None, base_version=0, op=key
+        )
+        return SendOutcome(message, seq, replayed)

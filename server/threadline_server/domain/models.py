@@ -154,6 +154,9 @@ class Event:
     payload: Payload
     recipients: frozenset[str] = field(default_factory=frozenset)
     client_op_id: str = ""
+    # Addressed to its single recipient alone (read markers, being added or removed): replay
+    # gives it to that user only, whatever the thread's membership is then.
+    personal: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ class StoredOp:
     resource_kind: str
     resource_id: str
     change_seq: int
+    result_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,8 @@ class ThreadChange:
     remove_participants: tuple[str, ...] = ()
     delete: bool = False
     expected_version: int = 0
+    # Non-zero: the client's change was made from this version; merge three-way against it.
+    base_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +110,24 @@ class Store(Protocol):
         self, user_id: str, thread_id: str, *, forward: bool, start_seq: int, limit: int
     ) -> tuple[list[Message], bool]: ...
     async def send_messages(self, items: Sequence[SendItem]) -> list[SendOutcome | DomainError]: ...
+    async def change_message(
+        self,
+        actor: str,
+        message_id: str,
+        *,
+        text: str | None,
+        base_version: int,
+        op: OpKey | None,
+    ) -> tuple[Message, int, bool]: ...
     async def current_change_seq(self) -> tuple[str, int]: ...
+    async def resume_point(self) -> tuple[str, int, int]: ...
+    async def replay(
+        self, user_id: str, after: int, upto: int, limit: int
+    ) -> tuple[list[Event], int | None]: ...
+    async def stored_results(
+        self, user_id: str, op_ids: Sequence[str]
+    ) -> list[tuple[str, StoredOp, Message | Thread | None]]: ...
+    async def prune(self, retention_s: int, idempotency_window_s: int) -> tuple[int, int]: ...
     async def thread_members(self, thread_id: str) -> set[str]: ...
 
 

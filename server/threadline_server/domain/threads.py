@@ -141,6 +141,45 @@ class Threads:
         change = ThreadChange(fields=dict(values), expected_version=expected_version)
         return await self._changed(actor, thread_id, change, key)
 
+    async def merge_update(
+        self,
+        actor: str,
+        thread_id: str,
+        values: dict[str, Any],
+        *,
+        base_version: int,
+        client_op_id: str,
+    ) -> Thread:
+        """A stream UPDATE made from `base_version`: fields changed on one side merge; overlaps
+        raise MergeConflict (a conflict result, not an error, on the stream)."""
+        v = Violations()
+        check_id(v, "operation.thread.id", thread_id, "thread id")
+        check_op_id(v, "operation.client_op_id", client_op_id, required=True)
+        if not values:
+            v.add("operation.update_mask", "update_mask must name at least one field")
+        for path in values:
+            if path not in (*UPDATABLE_FIELDS, "archived"):
+                v.add("operation.update_mask", f"unknown or read-only field {path!r}")
+        if "title" in values:
+            check_title(v, "operation.thread.title", values["title"], self._limits.max_title_chars)
+        if "description" in values:
+            check_description(v, "operation.thread.description", values["description"])
+        if "tags" in values:
+            check_tags(v, "operation.thread.tags", values["tags"])
+        if base_version < 0:
+            v.add("operation.base_version", "base_version must not be negative")
+        v.raise_if_any()
+        key = op_key(
+            actor,
+            client_op_id,
+            "merge_thread",
+            thread_id=thread_id,
+            values=values,
+            base_version=base_version,
+        )
+        change = ThreadChange(fields=dict(values), base_version=base_version)
+        return await self._changed(actor, thread_id, change, key)
+
     async def set_archived(
         self, actor: str, thread_id: str, archived: bool, client_op_id: str
     ) -> Thread:

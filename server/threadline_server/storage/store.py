@@ -7,6 +7,7 @@ import json
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +16,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from threadline_server.domain.merge import merge_fields, merge_text
 from threadline_server.domain.models import (
     Event,
     EventKind,
@@ -36,13 +38,25 @@ from threadline_server.domain.ports import (
 )
 from threadline_server.errors import (
     DomainError,
+    FailedPrecondition,
     IdempotencyKeyReused,
+    MergeConflict,
     NotFound,
     PermissionDenied,
     Unavailable,
     VersionMismatch,
 )
 from threadline_server.storage.db import Database, WriteTx
+from threadline_server.storage.history import (
+    message_at,
+    prune,
+    replay,
+    save_message_revision,
+    save_thread_revision,
+    stored_ops,
+    thread_at,
+)
+from threadline_server.storage.rows import aware, message_from_row, thread_from_row
 from threadline_server.storage.tables import (
     changes,
     messages,
@@ -62,47 +76,6 @@ def new_id() -> str:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; everything stored is UTC.
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
-
-
-def _message(row: Row[Any]) -> Message:
-    created = _aware(row.created_at)
-    assert created is not None
-    return Message(
-        id=row.id,
-        thread_id=row.thread_id,
-        seq=row.seq,
-        author_id=row.author_id,
-        text=row.text,
-        version=row.version,
-        deleted=bool(row.deleted),
-        created_at=created,
-        updated_at=_aware(row.updated_at),
-    )
-
-
-def _thread(row: Row[Any], participant_ids: Iterable[str]) -> Thread:
-    created, updated = _aware(row.created_at), _aware(row.updated_at)
-    assert created is not None and updated is not None
-    return Thread(
-        id=row.id,
-        title=row.title,
-        description=row.description,
-        tags=tuple(json.loads(row.tags)),
-        participant_ids=tuple(sorted(participant_ids)),
-        archived=bool(row.archived),
-        creator_id=row.creator_id,
-        last_seq=row.last_seq,
-        version=row.version,
-        created_at=created,
-        updated_at=updated,
-    )
 
 
 class SqlStore:
@@ -141,10 +114,16 @@ class SqlStore:
             return None
         if bytes(row.payload_hash) != key.payload_hash:
             raise IdempotencyKeyReused(key.client_op_id)
-        return StoredOp(row.resource_kind, row.resource_id, row.change_seq)
+        return StoredOp(row.resource_kind, row.resource_id, row.change_seq, row.result_version)
 
     async def _record_op(
-        self, conn: AsyncConnection, key: OpKey | None, kind: str, resource_id: str, seq: int
+        self,
+        conn: AsyncConnection,
+        key: OpKey | None,
+        kind: str,
+        resource_id: str,
+        seq: int,
+        version: int = 0,
     ) -> None:
         if key is None:
             return
@@ -156,6 +135,7 @@ class SqlStore:
                 resource_kind=kind,
                 resource_id=resource_id,
                 change_seq=seq,
+                result_version=version,
                 created_at=_now(),
             )
         )
@@ -165,7 +145,7 @@ class SqlStore:
             {
                 "change_seq": e.change_seq,
                 "thread_id": e.thread_id,
-                "user_id": next(iter(e.recipients)) if _is_personal(e) else None,
+                "user_id": next(iter(e.recipients)) if e.personal else None,
                 "kind": e.kind.value,
                 "thread_seq": e.thread_seq,
                 "version": e.version,
@@ -290,7 +270,7 @@ class SqlStore:
             stored = await self._check_op(conn, op)
             if stored is not None:
                 row, members = await self._thread_for_member(conn, actor, stored.resource_id)
-                return _thread(row, members), True
+                return thread_from_row(row, members), True
             now = _now()
             thread_id = new_id()
             member_ids = sorted(set(participant_ids) | {actor})
@@ -318,7 +298,7 @@ class SqlStore:
                 ],
             )
             row = (await conn.execute(select(threads).where(threads.c.id == thread_id))).one()
-            thread = _thread(row, member_ids)
+            thread = thread_from_row(row, member_ids)
             seq = await self._next_change_seqs(conn, 1)
             event = Event(
                 change_seq=seq,
@@ -350,14 +330,18 @@ class SqlStore:
             stored = await self._check_op(conn, op)
             if stored is not None:
                 try:
-                    row, members = await self._thread_for_member(conn, actor, thread_id)
+                    await self._thread_for_member(conn, actor, thread_id)
                 except NotFound:
                     return None, True
-                return _thread(row, members), True
+                return await thread_at(conn, thread_id, stored.result_version), True
             row, members = await self._thread_for_member(conn, actor, thread_id, lock=True)
             if change.expected_version and row.version != change.expected_version:
                 raise VersionMismatch("thread", f"threads/{thread_id}", row.version)
             now = _now()
+            fields = dict(change.fields)
+            if change.base_version and change.base_version != row.version and fields:
+                fields = await self._merged_fields(conn, row, members, change, fields)
+            await save_thread_revision(conn, row, sorted(members), now)
             op_id = op.client_op_id if op else ""
             if change.delete:
                 if row.creator_id != actor:
@@ -374,7 +358,7 @@ class SqlStore:
             new_members -= set(change.remove_participants)
             removed = sorted(members - new_members)
             added = sorted(new_members - members)
-            values: dict[str, Any] = dict(change.fields)
+            values: dict[str, Any] = fields
             if "tags" in values:
                 values["tags"] = json.dumps(list(values["tags"]))
             await conn.execute(
@@ -399,8 +383,8 @@ class SqlStore:
                     )
                 )
             row = (await conn.execute(select(threads).where(threads.c.id == thread_id))).one()
-            thread = _thread(row, new_members)
-            count = 1 + len(removed) + (1 if added else 0)
+            thread = thread_from_row(row, new_members)
+            count = 1 + len(removed) + len(added)
             first = await self._next_change_seqs(conn, count)
             events = []
             if new_members:
@@ -413,18 +397,17 @@ class SqlStore:
                         )
                     )
                     first += 1
-                if added:
-                    events.append(
-                        self._thread_event(
-                            first,
-                            EventKind.THREAD_CREATED,
-                            thread,
-                            actor,
-                            now,
-                            frozenset(added),
-                            op_id,
-                        )
+                for user in added:
+                    joined = self._thread_event(
+                        first,
+                        EventKind.THREAD_CREATED,
+                        thread,
+                        actor,
+                        now,
+                        frozenset([user]),
+                        op_id,
                     )
+                    events.append(replace(joined, personal=True))
                     first += 1
             for user in removed:
                 events.append(
@@ -435,7 +418,7 @@ class SqlStore:
                 first += 1
             await self._insert_changes(conn, events)
             await self._record_op(
-                conn, op, "thread", thread_id, events[0].change_seq if events else 0
+                conn, op, "thread", thread_id, events[0].change_seq if events else 0, row.version
             )
             if not new_members:
                 await conn.execute(delete(threads).where(threads.c.id == thread_id))
@@ -487,6 +470,7 @@ class SqlStore:
             None,
             frozenset([user]),
             op_id,
+            personal=True,
         )
 
     async def _removal_events(
@@ -537,7 +521,7 @@ class SqlStore:
         cursor = None
         if len(rows) > limit:
             last = page[-1]
-            stamp = _aware(last.last_activity_at)
+            stamp = aware(last.last_activity_at)
             assert stamp is not None
             cursor = ThreadCursor(stamp, last.id)
         return summaries, cursor
@@ -568,10 +552,10 @@ class SqlStore:
             )
             .where(threads.c.id.in_(ids))
         )
-        last = {r.thread_id: _message(r) for r in last_rows}
+        last = {r.thread_id: message_from_row(r) for r in last_rows}
         return [
             ThreadSummary(
-                thread=_thread(r, members[r.id]),
+                thread=thread_from_row(r, members[r.id]),
                 read_seq=int(reads.get(r.id, 0)),
                 unread_count=unread.get(r.id, 0),
                 last_message=last.get(r.id),
@@ -637,6 +621,7 @@ class SqlStore:
                     _now(),
                     marker,
                     frozenset([user_id]),
+                    personal=True,
                 )
                 await self._insert_changes(conn, [event])
                 self._publish_after(tx, [event])
@@ -658,7 +643,7 @@ class SqlStore:
         async with self._db.read() as conn:
             await self._thread_for_member(conn, user_id, thread_id)
             rows = list((await conn.execute(stmt)).all())
-        return [_message(r) for r in rows[:limit]], len(rows) > limit
+        return [message_from_row(r) for r in rows[:limit]], len(rows) > limit
 
     async def send_messages(self, items: Sequence[SendItem]) -> list[SendOutcome | DomainError]:
         """Group commit: every item in one transaction; per-thread seqs stay gapless.
@@ -772,6 +757,7 @@ class SqlStore:
                             "resource_kind": "message",
                             "resource_id": msg.id,
                             "change_seq": change,
+                            "result_version": 1,
                             "created_at": now,
                         }
                     )
@@ -795,12 +781,12 @@ class SqlStore:
                 await self._insert_changes(conn, events)
             if replays:
                 ids = [rid for rid in replays.values() if not rid.startswith("@")]
+                # The original result: the message as it was sent (version 1), even if edited since.
                 found = {}
-                if ids:
-                    found = {
-                        r.id: _message(r)
-                        for r in await conn.execute(select(messages).where(messages.c.id.in_(ids)))
-                    }
+                for rid in ids:
+                    first_version = await message_at(conn, rid, 1)
+                    if first_version is not None:
+                        found[rid] = first_version
                 for idx, rid in replays.items():
                     if rid.startswith("@"):
                         original = outcomes[int(rid[1:])]
@@ -816,7 +802,145 @@ class SqlStore:
             self._publish_after(tx, events)
         return [o if o is not None else Unavailable("INTERNAL", "lost outcome") for o in outcomes]
 
+    async def change_message(
+        self,
+        actor: str,
+        message_id: str,
+        *,
+        text: str | None,
+        base_version: int,
+        op: OpKey | None,
+    ) -> tuple[Message, int, bool]:
+        """Edits (`text`) or deletes (`text is None`) the actor's own message.
+
+        An edit made from an older version is merged word by word with what changed since;
+        overlapping edits raise MergeConflict and write nothing. Returns the message after the
+        change, the change cursor of its event, and whether this was a replay.
+        """
+        async with self._db.write() as tx:
+            conn = tx.conn
+            stored = await self._check_op(conn, op)
+            if stored is not None:
+                old = await message_at(conn, stored.resource_id, stored.result_version)
+                if old is None:
+                    raise NotFound("message", message_id)
+                return old, stored.change_seq, True
+            stmt = select(messages).where(messages.c.id == message_id)
+            if not self._db.is_sqlite:
+                stmt = stmt.with_for_update()
+            row = (await conn.execute(stmt)).first()
+            members = (await self._members(conn, [row.thread_id]))[row.thread_id] if row else set()
+            if row is None or actor not in members:
+                raise NotFound("message", message_id)
+            if row.author_id != actor:
+                raise PermissionDenied("only the author can change a message")
+            if row.deleted:
+                raise FailedPrecondition(
+                    "RESOURCE_DELETED", "the message was deleted", subject=message_id
+                )
+            current = message_from_row(row)
+            now = _now()
+            if text is not None and base_version and base_version != row.version:
+                base = await message_at(conn, message_id, base_version)
+                merged = merge_text(base.text, row.text, text) if base is not None else None
+                if not isinstance(merged, str):
+                    wanted = replace(current, text=text)
+                    raise MergeConflict(base or current, current, wanted, row.version, ["text"])
+                text = merged
+            await save_message_revision(conn, row, now)
+            deleted = text is None
+            await conn.execute(
+                update(messages)
+                .where(messages.c.id == message_id)
+                .values(
+                    text="" if deleted else text,
+                    deleted=deleted,
+                    version=messages.c.version + 1,
+                    updated_at=now,
+                )
+            )
+            after = replace(
+                current,
+                text="" if text is None else text,
+                deleted=deleted,
+                version=row.version + 1,
+                updated_at=now,
+            )
+            seq = await self._next_change_seqs(conn, 1)
+            kind = EventKind.MESSAGE_DELETED if deleted else EventKind.MESSAGE_UPDATED
+            event = Event(
+                seq,
+                kind,
+                row.thread_id,
+                row.seq,
+                after.version,
+                actor,
+                now,
+                after,
+                frozenset(members),
+                op.client_op_id if op else "",
+            )
+            await self._insert_changes(conn, [event])
+            await self._record_op(conn, op, "message", message_id, seq, after.version)
+            self._publish_after(tx, [event])
+            return after, seq, False
+
+    async def _merged_fields(
+        self,
+        conn: AsyncConnection,
+        row: Row[Any],
+        members: set[str],
+        change: ThreadChange,
+        fields: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Three-way merge of the client's fields (made from change.base_version) with the
+        thread as it is now; raises MergeConflict on overlaps."""
+        current = thread_from_row(row, members)
+        base = await thread_at(conn, row.id, change.base_version)
+        if base is None:  # unknown or pruned base: everything the client set is an overlap
+            wanted = replace(current, **_record_fields(fields))
+            raise MergeConflict(current, current, wanted, row.version, sorted(fields))
+        outcome = merge_fields(_field_values(base, fields), _field_values(current, fields), fields)
+        if outcome.conflicts:
+            wanted = replace(base, **_record_fields(fields))
+            raise MergeConflict(base, current, wanted, row.version, outcome.conflicts)
+        return outcome.values
+
     # ---- sync -----------------------------------------------------------------------------
+
+    async def resume_point(self) -> tuple[str, int, int]:
+        """(epoch, current change cursor, highest pruned cursor)."""
+        async with self._db.read() as conn:
+            row = (await conn.execute(select(server_state).where(server_state.c.id == 1))).one()
+        return str(row.epoch), int(row.change_seq), int(row.pruned_through)
+
+    async def replay(
+        self, user_id: str, after: int, upto: int, limit: int
+    ) -> tuple[list[Event], int | None]:
+        async with self._db.read() as conn:
+            return await replay(conn, user_id, after, upto, limit)
+
+    async def stored_results(
+        self, user_id: str, op_ids: Sequence[str]
+    ) -> list[tuple[str, StoredOp, Message | Thread | None]]:
+        """Original outcomes of operations the client is unsure about (SyncState.pending)."""
+        async with self._db.read() as conn:
+            out: list[tuple[str, StoredOp, Message | Thread | None]] = []
+            for row in await stored_ops(conn, user_id, op_ids):
+                op = StoredOp(
+                    row.resource_kind, row.resource_id, row.change_seq, row.result_version
+                )
+                resource: Message | Thread | None
+                if op.resource_kind == "message":
+                    resource = await message_at(conn, op.resource_id, op.result_version or 1)
+                else:
+                    resource = await thread_at(conn, op.resource_id, op.result_version)
+                out.append((row.client_op_id, op, resource))
+            return out
+
+    async def prune(self, retention_s: int, idempotency_window_s: int) -> tuple[int, int]:
+        async with self._db.write() as tx:
+            return await prune(tx.conn, _now(), retention_s, idempotency_window_s)
 
     async def current_change_seq(self) -> tuple[str, int]:
         async with self._db.read() as conn:
@@ -828,8 +952,13 @@ class SqlStore:
             return (await self._members(conn, [thread_id]))[thread_id]
 
 
-def _is_personal(event: Event) -> bool:
-    return event.kind in (EventKind.READ_MARKER_UPDATED, EventKind.THREAD_REMOVED)
+def _field_values(thread: Thread, fields: dict[str, Any]) -> dict[str, Any]:
+    return {name: _record_fields({name: getattr(thread, name)})[name] for name in fields}
+
+
+def _record_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Field values as the Thread record holds them (tags as a tuple)."""
+    return {k: tuple(v) if k == "tags" else v for k, v in fields.items()}
 
 
 def _resource_id(event: Event) -> str:
@@ -840,7 +969,7 @@ def _resource_id(event: Event) -> str:
 
 
 def _user(row: Row[Any]) -> User:
-    created = _aware(row.created_at)
+    created = aware(row.created_at)
     assert created is not None
     return User(row.id, row.display_name, row.email, row.image_url, created)
 

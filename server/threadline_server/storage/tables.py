@@ -41,6 +41,8 @@ server_state = Table(
     Column("id", Integer, primary_key=True),
     Column("epoch", String(64), nullable=False),
     Column("change_seq", BigInt, nullable=False),
+    # Change cursors at or below this were pruned: resuming from them needs a full resync.
+    Column("pruned_through", BigInt, nullable=False, server_default="0"),
 )
 
 users = Table(
@@ -131,7 +133,39 @@ operations = Table(
     Column("resource_kind", String(16), nullable=False),
     Column("resource_id", String(32), nullable=False),
     Column("change_seq", BigInt, nullable=False),
+    Column("result_version", BigInt, nullable=False, server_default="0"),
     Column("created_at", Stamp, nullable=False),
     PrimaryKeyConstraint("user_id", "client_op_id"),
     Index("ix_operations_created", "created_at"),
+)
+
+# Earlier versions of messages and threads: the base of a three-way merge, and the exact payload
+# of a replayed change. The current version lives in `messages` / `threads`; a row is added here
+# only when a version is superseded, so the send path writes nothing extra.
+message_revisions = Table(
+    "message_revisions",
+    metadata,
+    Column("message_id", String(32), ForeignKey("messages.id", ondelete="CASCADE"), nullable=False),
+    Column("version", BigInt, nullable=False),
+    Column("text", Text, nullable=False),
+    Column("deleted", Boolean, nullable=False),
+    Column("updated_at", Stamp, nullable=True),
+    Column("superseded_at", Stamp, nullable=False),
+    PrimaryKeyConstraint("message_id", "version"),
+)
+
+thread_revisions = Table(
+    "thread_revisions",
+    metadata,
+    Column("thread_id", String(32), ForeignKey("threads.id", ondelete="CASCADE"), nullable=False),
+    Column("version", BigInt, nullable=False),
+    Column("title", String(200), nullable=False),
+    Column("description", Text, nullable=False),
+    Column("tags", Text, nullable=False),
+    Column("archived", Boolean, nullable=False),
+    Column("participants", Text, nullable=False),
+    Column("last_seq", BigInt, nullable=False),
+    Column("updated_at", Stamp, nullable=False),
+    Column("superseded_at", Stamp, nullable=False),
+    PrimaryKeyConstraint("thread_id", "version"),
 )

@@ -24,6 +24,8 @@ from threadline_server.domain.threads import Threads
 from threadline_server.errors import (
     DeadlineExceeded,
     DomainError,
+    InvalidArgument,
+    MergeConflict,
     NotFound,
     NotImplementedYet,
     ProtocolViolation,
@@ -151,6 +153,33 @@ class FrameDispatcher:
                     change_seq=outcome.change_seq,
                     replayed=outcome.replayed,
                 )
+            if resource == "message" and op.kind in (_UPDATE, _DELETE):
+                if op.kind == _UPDATE:
+                    if set(op.update_mask.paths) - {"text"}:
+                        raise InvalidArgument.one(
+                            "operation.update_mask", "only `text` of a message can change"
+                        )
+                    outcome = await self.messaging.edit(
+                        user,
+                        client_op_id=op.client_op_id,
+                        message_id=op.message.id,
+                        text=op.message.text,
+                        base_version=op.base_version,
+                        field_prefix="operation.",
+                    )
+                else:
+                    outcome = await self.messaging.delete(
+                        user,
+                        client_op_id=op.client_op_id,
+                        message_id=op.message.id,
+                        field_prefix="operation.",
+                    )
+                return rt.OperationResult(
+                    client_op_id=op.client_op_id,
+                    confirmed=codec.snapshot(outcome.message),
+                    change_seq=outcome.change_seq,
+                    replayed=outcome.replayed,
+                )
             if resource == "thread":
                 t = op.thread
                 if op.kind == _CREATE:
@@ -171,11 +200,11 @@ class FrameDispatcher:
                         )
                     else:
                         values = {p: _thread_field(t, p) for p in paths}
-                        thread = await self.threads.update(
+                        thread = await self.threads.merge_update(
                             user,
                             t.id,
                             values,
-                            expected_version=op.base_version,
+                            base_version=op.base_version,
                             client_op_id=op.client_op_id,
                         )
                     return _confirmed(op.client_op_id, codec.snapshot(thread))
@@ -188,6 +217,17 @@ class FrameDispatcher:
                 )
                 return _confirmed(op.client_op_id, codec.snapshot(marker))
             raise NotImplementedYet("this operation is not supported yet")
+        except MergeConflict as conflict:
+            return rt.OperationResult(
+                client_op_id=op.client_op_id,
+                conflict=errors_pb2.Conflict(
+                    base=codec.snapshot(conflict.base),  # type: ignore[arg-type]
+                    server=codec.snapshot(conflict.server),  # type: ignore[arg-type]
+                    client=codec.snapshot(conflict.client),  # type: ignore[arg-type]
+                    server_version=conflict.server_version,
+                    fields=conflict.fields,
+                ),
+            )
         except DomainError as exc:
             return _rejected(op.client_op_id, exc)
 
@@ -195,7 +235,7 @@ class FrameDispatcher:
 def _thread_field(t: Any, path: str) -> Any:
     if path == "tags":
         return list(t.tags)
-    if path in ("title", "description"):
+    if path in ("title", "description", "archived"):
         return getattr(t, path)
     return None
 
@@ -313,23 +353,18 @@ class RealtimeServicer:
         self.broker.subscribe(session, _replaced_frame)
         reader: asyncio.Task[None] | None = None
         try:
-            epoch, cursor = await self.store.current_change_seq()
+            epoch, cursor, pruned = await self.store.resume_point()
             session.min_change_seq = cursor
             hello = hello_frame.hello
             resuming = hello.HasField("sync_state")
             yield codec.frame_bytes(self._welcome(session, epoch, hello_frame.request_id, resuming))
-            # Replay of a stored sync state is not implemented yet: say so explicitly
-            # (recovered=false means "reload from a snapshot"), never pretend to have recovered.
-            yield codec.frame_bytes(
-                rt.ServerFrame(
-                    sync_complete=rt.SyncComplete(
-                        change_seq=cursor,
-                        epoch=epoch,
-                        was_recovering=resuming,
-                        recovered=False,
-                    )
+            if resuming:
+                async for frame in self._resume(session, hello.sync_state, epoch, cursor, pruned):
+                    yield frame
+            else:
+                yield codec.frame_bytes(
+                    rt.ServerFrame(sync_complete=rt.SyncComplete(change_seq=cursor, epoch=epoch))
                 )
-            )
             if requests is not None:
                 reader = asyncio.create_task(self._read(session, requests))
             async for item in self._write(session):
@@ -345,6 +380,70 @@ class RealtimeServicer:
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reader
+
+    async def _resume(
+        self, session: StreamSession, state: rt.SyncState, epoch: str, cursor: int, pruned: int
+    ) -> AsyncIterator[bytes]:
+        """Replays what the client missed, page by page, then SyncComplete; or ResyncRequired
+        when that cannot be done exactly (never a partial or silent recovery)."""
+        reason = rt.RESYNC_REASON_UNSPECIFIED
+        if state.epoch != epoch:
+            reason = rt.RESYNC_REASON_EPOCH_CHANGED
+        elif state.change_seq > cursor:
+            reason = rt.RESYNC_REASON_CURSOR_AHEAD
+        elif state.change_seq < pruned:
+            reason = rt.RESYNC_REASON_CURSOR_TOO_OLD
+        if reason != rt.RESYNC_REASON_UNSPECIFIED:
+            yield codec.frame_bytes(
+                rt.ServerFrame(
+                    resync_required=rt.ResyncRequired(reason=reason, epoch=epoch, change_seq=cursor)
+                )
+            )
+            yield codec.frame_bytes(
+                rt.ServerFrame(
+                    sync_complete=rt.SyncComplete(
+                        change_seq=cursor, epoch=epoch, was_recovering=True, recovered=False
+                    )
+                )
+            )
+            return
+        after, count = state.change_seq, 0
+        page = self.settings.realtime.replay_batch_size
+        while after < cursor:
+            events, last = await self.store.replay(session.user_id, after, cursor, page)
+            if last is None:
+                break
+            if events:
+                count += len(events)
+                yield codec.events_frame_bytes(
+                    [codec.encode_event(e, for_author=True) for e in events], replay=True
+                )
+            after = last
+        for op_id, stored, resource in await self.store.stored_results(
+            session.user_id, list(state.pending_op_ids)
+        ):
+            snapshot = codec.snapshot(resource) if resource is not None else None
+            yield codec.frame_bytes(
+                rt.ServerFrame(
+                    operation_result=rt.OperationResult(
+                        client_op_id=op_id,
+                        confirmed=snapshot,
+                        change_seq=stored.change_seq,
+                        replayed=True,
+                    )
+                )
+            )
+        yield codec.frame_bytes(
+            rt.ServerFrame(
+                sync_complete=rt.SyncComplete(
+                    change_seq=cursor,
+                    epoch=epoch,
+                    was_recovering=True,
+                    recovered=True,
+                    event_count=count,
+                )
+            )
+        )
 
     def _welcome(
         self, session: StreamSession, epoch: str, request_id: str, resuming: bool
