@@ -30,6 +30,11 @@ def _sample(cls: type[errors.DomainError]) -> errors.DomainError:
         "current_version": 3,
         "retry_after": 1.5,
         "client_op_id": "op",
+        "base": None,
+        "server": None,
+        "client": None,
+        "server_version": 4,
+        "fields": ["title"],
     }
     kwargs = {k: v for k, v in args.items() if k in params}
     return cls(**kwargs)
