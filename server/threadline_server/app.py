@@ -86,6 +86,7 @@ class ThreadlineServer:
         self.health = health.aio.HealthServicer()
         self.realtime: RealtimeServicer | None = None
         self.endpoints: Endpoints | None = None
+        self._pruner: asyncio.Task[None] | None = None
 
     async def start(self) -> Endpoints:
         s = self.settings
@@ -139,7 +140,22 @@ class ThreadlineServer:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.endpoints = Endpoints(port, http_port, issuer)
+        self._pruner = asyncio.create_task(self._prune_forever(), name="pruner")
         return self.endpoints
+
+    async def _prune_forever(self) -> None:
+        """Keeps the change log within retention and idempotency keys within their window."""
+        s = self.settings
+        while True:
+            await asyncio.sleep(s.realtime.prune_interval_s)
+            try:
+                changes, keys = await self.store.prune(
+                    s.realtime.retention_s, s.limits.idempotency_window_s
+                )
+                if changes or keys:
+                    logger.info("pruned %d changes and %d idempotency keys", changes, keys)
+            except Exception:
+                logger.exception("pruning failed; retrying next interval")
 
     def _jwks(self) -> dict[str, Any]:
         assert self.issuer is not None
@@ -170,6 +186,8 @@ class ThreadlineServer:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: stop accepting, tell streams to reconnect, finish in-flight writes, close."""
         grace = self.settings.server.shutdown_grace_s if grace is None else grace
+        if self._pruner is not None:
+            self._pruner.cancel()
         await self.health.enter_graceful_shutdown()
         if self.realtime is not None:
             self.realtime.drain()

@@ -133,6 +133,9 @@ class RealtimeSettings(BaseModel):
     retention_s: int = Field(
         30 * 86_400, description="Change log kept for resume; older cursors get ResyncRequired."
     )
+    prune_interval_s: float = Field(
+        3600.0, description="How often expired change log rows and idempotency keys are pruned."
+    )
 
 
 class LimitsSettings(BaseModel):

@@ -1,0 +1,191 @@
+"""Resume: a client that was away gets exactly what it missed, then live events, no gap."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import field_mask_pb2
+
+from tests.conftest import bearer
+from tests.e2e.test_realtime_delivery import create_thread
+from tests.support.raw_stream import RawStream
+from threadline.v1 import message_pb2, thread_pb2
+from threadline.v1 import realtime_pb2 as rt
+from threadline.v1 import thread_service_pb2 as ts
+from threadline.v1 import thread_service_pb2_grpc as tsg
+
+
+def edit_op(op_id: str, message: message_pb2.Message, text: str, base: int) -> rt.ClientFrame:
+    return rt.ClientFrame(
+        operation=rt.Operation(
+            client_op_id=op_id,
+            kind=rt.OPERATION_KIND_UPDATE,
+            base_version=base,
+            update_mask=field_mask_pb2.FieldMask(paths=["text"]),
+            message=message_pb2.Message(id=message.id, thread_id=message.thread_id, text=text),
+        )
+    )
+
+
+def delete_op(op_id: str, message: message_pb2.Message) -> rt.ClientFrame:
+    return rt.ClientFrame(
+        operation=rt.Operation(
+            client_op_id=op_id,
+            kind=rt.OPERATION_KIND_DELETE,
+            message=message_pb2.Message(id=message.id, thread_id=message.thread_id),
+        )
+    )
+
+
+async def op(stream: RawStream, frame: rt.ClientFrame) -> rt.OperationResult:
+    return (await stream.reply_to(stream.send(frame))).operation_result
+
+
+async def resume(
+    stream: RawStream, state: rt.SyncState
+) -> tuple[list[rt.ServerFrame], rt.ServerFrame]:
+    """Sends Hello with a sync state; returns the frames up to and including SyncComplete."""
+    rid = stream.send(rt.ClientFrame(hello=rt.Hello(sync_state=state)))
+    welcome = await stream.reply_to(rid)
+    assert welcome.welcome.resuming
+    frames = []
+    while True:
+        frame = await stream.recv()
+        frames.append(frame)
+        if frame.WhichOneof("kind") == "sync_complete":
+            return frames[:-1], frame
+
+
+async def test_resume_replays_everything_missed_in_order_then_goes_live(channel, token):
+    bob = RawStream(channel, token("bob"))
+    welcome = await bob.hello()
+    t1 = await create_thread(channel, token("alice"), "bob")
+    [created] = await bob.events(1)
+    cursor = created.change_seq
+    bob.cancel()  # bob goes away
+
+    alice = RawStream(channel, token("alice"))
+    await alice.hello()
+    sent = [(await alice.send_message(t1, f"m{i}", f"op-{i}")).confirmed.message for i in range(5)]
+    assert (await op(alice, edit_op("e1", sent[1], "m1 edited", 1))).WhichOneof(
+        "outcome"
+    ) == "confirmed"
+    assert (await op(alice, delete_op("d1", sent[2]))).WhichOneof("outcome") == "confirmed"
+    threads = tsg.ThreadServiceStub(channel)
+    await threads.UpdateThread(
+        ts.UpdateThreadRequest(
+            thread=thread_pb2.Thread(id=t1, title="renamed"),
+            update_mask=field_mask_pb2.FieldMask(paths=["title"]),
+        ),
+        metadata=bearer(token("alice")),
+    )
+    t2 = await create_thread(channel, token("alice"), "bob")  # bob was added meanwhile
+    t3 = await create_thread(channel, token("alice"), "bob")
+    await threads.RemoveParticipants(  # ... and removed from another
+        ts.RemoveParticipantsRequest(thread_id=t3, user_ids=["bob"]),
+        metadata=bearer(token("alice")),
+    )
+    await threads.MarkRead(
+        ts.MarkReadRequest(thread_id=t1, read_seq=3), metadata=bearer(token("bob"))
+    )
+
+    bob = RawStream(channel, token("bob"))
+    frames, done = await resume(bob, rt.SyncState(epoch=welcome.epoch, change_seq=cursor))
+    assert done.sync_complete.recovered and done.sync_complete.was_recovering
+    events = [e for f in frames for e in f.events.events]
+    assert all(f.events.replay for f in frames)
+    seqs = [e.change_seq for e in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and seqs[0] > cursor
+    kinds = [(e.kind, e.thread_id) for e in events]
+    assert kinds.count((rt.EVENT_KIND_MESSAGE_CREATED, t1)) == 5
+    assert (rt.EVENT_KIND_MESSAGE_UPDATED, t1) in kinds
+    assert (rt.EVENT_KIND_MESSAGE_DELETED, t1) in kinds
+    assert (rt.EVENT_KIND_THREAD_UPDATED, t1) in kinds
+    assert (rt.EVENT_KIND_THREAD_CREATED, t2) in kinds
+    assert (rt.EVENT_KIND_THREAD_REMOVED, t3) in kinds
+    assert (rt.EVENT_KIND_READ_MARKER_UPDATED, t1) in kinds
+    # Payloads are exact as of each change: the creation of m1 shows its original text.
+    created_m1 = next(
+        e for e in events if e.kind == rt.EVENT_KIND_MESSAGE_CREATED and e.message.seq == 2
+    )
+    assert created_m1.message.text == "m1" and created_m1.message.version == 1
+    edited = next(e for e in events if e.kind == rt.EVENT_KIND_MESSAGE_UPDATED)
+    assert edited.message.text == "m1 edited" and edited.version == 2
+    assert done.sync_complete.change_seq == seqs[-1]
+
+    # Live continues from there, with nothing missing and nothing repeated.
+    await alice.send_message(t1, "live", "op-live")
+    [live] = await bob.events(1)
+    assert live.change_seq == done.sync_complete.change_seq + 1
+    alice.cancel()
+    bob.cancel()
+
+
+async def test_replay_is_paged(settings_factory):
+    from threadline_server.app import ThreadlineServer
+
+    app = ThreadlineServer(settings_factory(realtime={"replay_batch_size": 7}))
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.endpoints.grpc_port}") as channel:  # type: ignore[union-attr]
+            bob = RawStream(channel, app.mint("bob", 600))
+            welcome = await bob.hello()
+            bob.cancel()
+            thread = await create_thread(channel, app.mint("alice", 600), "bob")
+            alice = RawStream(channel, app.mint("alice", 600))
+            await alice.hello()
+            for i in range(30):
+                await alice.send_message(thread, f"m{i}", f"p-{i}")
+            bob = RawStream(channel, app.mint("bob", 600))
+            frames, done = await resume(bob, rt.SyncState(epoch=welcome.epoch, change_seq=0))
+            assert [len(f.events.events) for f in frames] == [7, 7, 7, 7, 3]
+            assert done.sync_complete.event_count == 31
+            alice.cancel()
+            bob.cancel()
+    finally:
+        await app.stop(grace=0.5)
+
+
+async def test_resume_refuses_other_epoch_ahead_cursor_and_pruned_cursor(channel, token, server):
+    bob = RawStream(channel, token("bob"))
+    welcome = await bob.hello()
+    bob.cancel()
+    await create_thread(channel, token("alice"), "bob")
+    epoch, current, _ = await server.store.resume_point()
+    cases = [
+        (rt.SyncState(epoch="another-epoch", change_seq=1), rt.RESYNC_REASON_EPOCH_CHANGED),
+        (rt.SyncState(epoch=welcome.epoch, change_seq=current + 10), rt.RESYNC_REASON_CURSOR_AHEAD),
+    ]
+    for state, reason in cases:
+        stream = RawStream(channel, token("bob"))
+        frames, done = await resume(stream, state)
+        assert [f.resync_required.reason for f in frames] == [reason]
+        assert not done.sync_complete.recovered and done.sync_complete.was_recovering
+        stream.cancel()
+    # Prune everything (retention 0): an old cursor can no longer be replayed exactly.
+    removed, _ = await server.store.prune(retention_s=-1, idempotency_window_s=86_400)
+    assert removed >= 1
+    stream = RawStream(channel, token("bob"))
+    frames, _ = await resume(stream, rt.SyncState(epoch=epoch, change_seq=0))
+    assert [f.resync_required.reason for f in frames] == [rt.RESYNC_REASON_CURSOR_TOO_OLD]
+    stream.cancel()
+
+
+async def test_resume_answers_pending_operations_with_original_results(channel, token):
+    alice = RawStream(channel, token("alice"))
+    welcome = await alice.hello()
+    thread = await create_thread(channel, token("alice"), "bob")
+    first = await alice.send_message(thread, "did this land?", "maybe-1")
+    cursor = first.change_seq
+    alice.cancel()
+    again = RawStream(channel, token("alice"))
+    frames, done = await resume(
+        again,
+        rt.SyncState(
+            epoch=welcome.epoch, change_seq=cursor, pending_op_ids=["maybe-1", "never-sent"]
+        ),
+    )
+    results = [f.operation_result for f in frames if f.WhichOneof("kind") == "operation_result"]
+    assert [(r.client_op_id, r.replayed) for r in results] == [("maybe-1", True)]
+    assert results[0].confirmed.message.id == first.confirmed.message.id
+    assert done.sync_complete.recovered
+    again.cancel()
