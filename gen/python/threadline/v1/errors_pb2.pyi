@@ -81,6 +81,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """INTERNAL: a server bug; the ErrorInfo metadata `ref` identifies the log entry."""
     ERROR_REASON_NOT_IMPLEMENTED: _ErrorReason.ValueType  # 26
     """UNIMPLEMENTED: the feature is not available on this server."""
+    ERROR_REASON_RESOURCE_DELETED: _ErrorReason.ValueType  # 27
+    """FAILED_PRECONDITION: the resource was deleted (e.g. editing a deleted message)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable reasons carried in `google.rpc.ErrorInfo.reason` (with the `ERROR_REASON_` prefix
@@ -142,6 +144,8 @@ ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 25
 """INTERNAL: a server bug; the ErrorInfo metadata `ref` identifies the log entry."""
 ERROR_REASON_NOT_IMPLEMENTED: ErrorReason.ValueType  # 26
 """UNIMPLEMENTED: the feature is not available on this server."""
+ERROR_REASON_RESOURCE_DELETED: ErrorReason.ValueType  # 27
+"""FAILED_PRECONDITION: the resource was deleted (e.g. editing a deleted message)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
