@@ -111,6 +111,8 @@ async def test_resume_replays_everything_missed_in_order_then_goes_live(channel,
     edited = next(e for e in events if e.kind == rt.EVENT_KIND_MESSAGE_UPDATED)
     assert edited.message.text == "m1 edited" and edited.version == 2
     assert done.sync_complete.change_seq == seqs[-1]
+    marker = next(e for e in events if e.kind == rt.EVENT_KIND_READ_MARKER_UPDATED)
+    assert (marker.read_marker.read_seq, marker.read_marker.unread_count) == (3, 2)
 
     # Live continues from there, with nothing missing and nothing repeated.
     await alice.send_message(t1, "live", "op-live")

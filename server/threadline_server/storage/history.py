@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, or_, select, tuple_, update
+from sqlalchemy import and_, delete, func, insert, or_, select, tuple_, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -183,7 +183,8 @@ async def replay(
             if payload is None:
                 continue
         elif r.kind == EventKind.READ_MARKER_UPDATED.value:
-            payload = ReadMarker(r.thread_id, user_id, r.version, 0)
+            unread = await _unread_between(conn, user_id, r.thread_id, r.version, r.thread_seq)
+            payload = ReadMarker(r.thread_id, user_id, r.version, unread)
         events.append(
             Event(
                 change_seq=r.change_seq,
@@ -199,6 +200,26 @@ async def replay(
             )
         )
     return events, (rows[-1].change_seq if rows else None)
+
+
+async def _unread_between(
+    conn: AsyncConnection, user_id: str, thread_id: str, read_seq: int, last_seq: int
+) -> int:
+    """Unread messages as of a marker change: after the marker, up to the thread's newest
+    message at that time (later messages are replayed as their own events)."""
+    return int(
+        (
+            await conn.execute(
+                select(func.count()).where(
+                    messages.c.thread_id == thread_id,
+                    messages.c.seq > read_seq,
+                    messages.c.seq <= last_seq,
+                    messages.c.author_id != user_id,
+                    messages.c.deleted.is_(False),
+                )
+            )
+        ).scalar_one()
+    )
 
 
 async def stored_ops(conn: AsyncConnection, user_id: str, op_ids: Sequence[str]) -> list[Row[Any]]:
