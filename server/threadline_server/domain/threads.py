@@ -113,23 +113,15 @@ class Threads:
         client_op_id: str,
     ) -> Thread:
         """Changes title/description/tags; a stale `expected_version` is ABORTED."""
-        v = Violations()
-        check_id(v, "thread.id", thread_id, "thread id")
-        check_op_id(v, "client_op_id", client_op_id, required=False)
-        if not values:
-            v.add("update_mask", "update_mask must name at least one field")
-        for path in values:
-            if path not in UPDATABLE_FIELDS:
-                v.add("update_mask", f"unknown or read-only field {path!r}")
-        if "title" in values:
-            check_title(v, "thread.title", values["title"], self._limits.max_title_chars)
-        if "description" in values:
-            check_description(v, "thread.description", values["description"])
-        if "tags" in values:
-            check_tags(v, "thread.tags", values["tags"])
-        if expected_version < 0:
-            v.add("expected_version", "expected_version must not be negative")
-        v.raise_if_any()
+        self._check_update(
+            thread_id,
+            values,
+            client_op_id,
+            ("expected_version", expected_version),
+            allowed=UPDATABLE_FIELDS,
+            prefix="",
+            op_id_required=False,
+        )
         key = op_key(
             actor,
             client_op_id,
@@ -152,23 +144,15 @@ class Threads:
     ) -> Thread:
         """A stream UPDATE made from `base_version`: fields changed on one side merge; overlaps
         raise MergeConflict (a conflict result, not an error, on the stream)."""
-        v = Violations()
-        check_id(v, "operation.thread.id", thread_id, "thread id")
-        check_op_id(v, "operation.client_op_id", client_op_id, required=True)
-        if not values:
-            v.add("operation.update_mask", "update_mask must name at least one field")
-        for path in values:
-            if path not in (*UPDATABLE_FIELDS, "archived"):
-                v.add("operation.update_mask", f"unknown or read-only field {path!r}")
-        if "title" in values:
-            check_title(v, "operation.thread.title", values["title"], self._limits.max_title_chars)
-        if "description" in values:
-            check_description(v, "operation.thread.description", values["description"])
-        if "tags" in values:
-            check_tags(v, "operation.thread.tags", values["tags"])
-        if base_version < 0:
-            v.add("operation.base_version", "base_version must not be negative")
-        v.raise_if_any()
+        self._check_update(
+            thread_id,
+            values,
+            client_op_id,
+            ("base_version", base_version),
+            allowed=(*UPDATABLE_FIELDS, "archived"),
+            prefix="operation.",
+            op_id_required=True,
+        )
         key = op_key(
             actor,
             client_op_id,
@@ -179,6 +163,38 @@ class Threads:
         )
         change = ThreadChange(fields=dict(values), base_version=base_version)
         return await self._changed(actor, thread_id, change, key)
+
+    def _check_update(
+        self,
+        thread_id: str,
+        values: dict[str, Any],
+        client_op_id: str,
+        version: tuple[str, int],
+        *,
+        allowed: Sequence[str],
+        prefix: str,
+        op_id_required: bool,
+    ) -> None:
+        """One set of field rules for unary updates and stream operations (field paths differ
+        only by the `operation.` prefix)."""
+        v = Violations()
+        check_id(v, f"{prefix}thread.id", thread_id, "thread id")
+        check_op_id(v, f"{prefix}client_op_id", client_op_id, required=op_id_required)
+        if not values:
+            v.add(f"{prefix}update_mask", "update_mask must name at least one field")
+        for path in values:
+            if path not in allowed:
+                v.add(f"{prefix}update_mask", f"unknown or read-only field {path!r}")
+        if "title" in values:
+            check_title(v, f"{prefix}thread.title", values["title"], self._limits.max_title_chars)
+        if "description" in values:
+            check_description(v, f"{prefix}thread.description", values["description"])
+        if "tags" in values:
+            check_tags(v, f"{prefix}thread.tags", values["tags"])
+        name, number = version
+        if number < 0:
+            v.add(f"{prefix}{name}", f"{name} must not be negative")
+        v.raise_if_any()
 
     async def set_archived(
         self, actor: str, thread_id: str, archived: bool, client_op_id: str
