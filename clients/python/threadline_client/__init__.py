@@ -105,3 +105,54 @@ __all__ = [
     "result_error",
     "service_config",
 ]
+
+# Client state and the self-healing session (state.py, session.py).
+from threadline_client.session import (
+    Resolver,
+    ThreadlineSession,
+    accept_server,
+    load_snapshot,
+)
+from threadline_client.state import (
+    Change,
+    ChangeKind,
+    ClientState,
+    ClientStore,
+    ConflictInfo,
+    ConnectionState,
+    LocalMessage,
+    MessageStatus,
+    OpError,
+    OpKind,
+    OpOutcome,
+    OpStatus,
+    PendingOp,
+    Snapshot,
+    SnapshotView,
+    ThreadView,
+    snapshot_view,
+)
+
+__all__ += [
+    "Change",
+    "ChangeKind",
+    "ClientState",
+    "ClientStore",
+    "ConflictInfo",
+    "ConnectionState",
+    "LocalMessage",
+    "MessageStatus",
+    "OpError",
+    "OpKind",
+    "OpOutcome",
+    "OpStatus",
+    "PendingOp",
+    "Resolver",
+    "Snapshot",
+    "SnapshotView",
+    "ThreadView",
+    "ThreadlineSession",
+    "accept_server",
+    "load_snapshot",
+    "snapshot_view",
+]

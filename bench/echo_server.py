@@ -1,0 +1,30 @@
+"""Baseline: a bare grpc.aio bidirectional echo on raw bytes (no auth, no database)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+
+import grpc
+
+
+async def echo(requests: AsyncIterator[bytes], _context: object) -> AsyncIterator[bytes]:
+    async for item in requests:
+        yield item
+
+
+async def main(port: int) -> None:
+    server = grpc.aio.server()
+    handler = grpc.stream_stream_rpc_method_handler(echo)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),)
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1])))
