@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import grpc
+
 from threadline.v1 import thread_pb2
 from threadline.v1 import thread_service_pb2 as ts
 from threadline.v1 import thread_service_pb2_grpc as tsg
@@ -86,13 +86,15 @@ async def threadline(senders: int, messages: int, subscribers: int, db: str) -> 
         try:
             token = proc.cli("token", "sender", "--ttl", "3600")
             async with grpc.aio.insecure_channel(proc.target) as channel:
-                # Distinct sender users: one user may hold only 5 streams (the cap closes the oldest).
+                # Distinct sender users: a user may hold only 5 streams (the cap closes the oldest).
                 writers = [f"sender{i}" for i in range(senders)]
                 members = [f"sub{i}" for i in range(subscribers)]
                 thread = (
                     await tsg.ThreadServiceStub(channel).CreateThread(
                         ts.CreateThreadRequest(
-                            thread=thread_pb2.Thread(title="bench", participant_ids=members + writers)
+                            thread=thread_pb2.Thread(
+                                title="bench", participant_ids=members + writers
+                            )
                         ),
                         metadata=(("authorization", f"Bearer {token}"),),
                     )
@@ -166,7 +168,8 @@ async def main() -> None:
     echo_rate, echo_lat = await echo_baseline(a.senders, a.messages)
     t = await threadline(a.senders, a.messages, a.subscribers, a.db)
     print(
-        f"senders={a.senders} messages/sender={a.messages} subscribers={a.subscribers} db={a.db or 'sqlite'}"
+        f"senders={a.senders} messages/sender={a.messages} subscribers={a.subscribers} "
+        f"db={a.db or 'sqlite'}"
     )
     print(f"{'case':<34}{'value':>12}")
     print(f"{'bare grpc.aio echo msgs/s':<34}{echo_rate:>12.0f}")
