@@ -149,6 +149,12 @@ async def test_participants_add_remove_and_delete_cascades(channel, threads, tok
         )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # only the creator removes others
+        await threads.RemoveParticipants(
+            ts.RemoveParticipantsRequest(thread_id=t.id, user_ids=["alice"]),
+            metadata=bearer(token("bob")),
+        )
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await threads.DeleteThread(
             ts.DeleteThreadRequest(thread_id=t.id), metadata=bearer(token("bob"))

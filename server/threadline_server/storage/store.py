@@ -353,6 +353,9 @@ class SqlStore:
                 await self._record_op(conn, op, "thread", thread_id, events[0].change_seq)
                 self._publish_after(tx, events)
                 return None, False
+            others = set(change.remove_participants) - {actor}
+            if others & members and row.creator_id != actor:
+                raise PermissionDenied("only the thread's creator can remove other participants")
             new_members: set[str] = set(members)
             new_members |= set(change.add_participants)
             new_members -= set(change.remove_participants)

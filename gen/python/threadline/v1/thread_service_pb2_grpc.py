@@ -159,8 +159,8 @@ class ThreadServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RemoveParticipants(self, request, context):
-        """Removes participants (a participant may always remove itself). Errors: INVALID_ARGUMENT,
-        NOT_FOUND.
+        """Removes participants: any participant may remove itself; only the creator removes others.
+        Errors: INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

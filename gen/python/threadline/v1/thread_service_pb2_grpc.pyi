@@ -60,8 +60,8 @@ class ThreadServiceStub:
     NOT_FOUND.
     """
     RemoveParticipants: _grpc.UnaryUnaryMultiCallable[_thread_service_pb2.RemoveParticipantsRequest, _thread_service_pb2.RemoveParticipantsResponse]
-    """Removes participants (a participant may always remove itself). Errors: INVALID_ARGUMENT,
-    NOT_FOUND.
+    """Removes participants: any participant may remove itself; only the creator removes others.
+    Errors: INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED.
     """
     ListMessages: _grpc.UnaryUnaryMultiCallable[_thread_service_pb2.ListMessagesRequest, _thread_service_pb2.ListMessagesResponse]
     """Lists a thread's messages by sequence number, in either direction. Errors: INVALID_ARGUMENT,
@@ -104,8 +104,8 @@ class ThreadServiceAsyncStub(ThreadServiceStub):
     NOT_FOUND.
     """
     RemoveParticipants: _aio.UnaryUnaryMultiCallable[_thread_service_pb2.RemoveParticipantsRequest, _thread_service_pb2.RemoveParticipantsResponse]  # type: ignore[assignment]
-    """Removes participants (a participant may always remove itself). Errors: INVALID_ARGUMENT,
-    NOT_FOUND.
+    """Removes participants: any participant may remove itself; only the creator removes others.
+    Errors: INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED.
     """
     ListMessages: _aio.UnaryUnaryMultiCallable[_thread_service_pb2.ListMessagesRequest, _thread_service_pb2.ListMessagesResponse]  # type: ignore[assignment]
     """Lists a thread's messages by sequence number, in either direction. Errors: INVALID_ARGUMENT,
@@ -199,8 +199,8 @@ class ThreadServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _thread_service_pb2.RemoveParticipantsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_thread_service_pb2.RemoveParticipantsResponse, _abc.Awaitable[_thread_service_pb2.RemoveParticipantsResponse]]:
-        """Removes participants (a participant may always remove itself). Errors: INVALID_ARGUMENT,
-        NOT_FOUND.
+        """Removes participants: any participant may remove itself; only the creator removes others.
+        Errors: INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod
