@@ -166,3 +166,39 @@ async def test_typing_in_an_invisible_thread_is_dropped_and_stream_survives(tune
     assert (await carol.reply_to(ping)).WhichOneof("kind") == "pong"
     carol.cancel()
     bob.cancel()
+
+
+async def test_silent_stream_is_closed_after_idle_timeout_and_hello_is_required_in_time(
+    settings_factory,
+):
+    app = ThreadlineServer(
+        settings_factory(realtime={"idle_timeout_s": 1.5, "hello_timeout_s": 1.0})
+    )
+    endpoints = await app.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{endpoints.grpc_port}") as channel:
+            pinging, silent = (RawStream(channel, app.mint(u, 600)) for u in ("alice", "bob"))
+            await pinging.hello()
+            await silent.hello()
+            for _ in range(4):  # 2 s of pings every 0.5 s keep one stream alive
+                await asyncio.sleep(0.5)
+                await pinging.reply_to(pinging.send(rt.ClientFrame(ping=rt.Ping())))
+            frame = await silent.recv(timeout=3)
+            assert frame.WhichOneof("kind") == "error" and frame.error.can_resume
+            assert await silent.status() == grpc.StatusCode.UNAVAILABLE
+            trailers = grpc.aio.AioRpcError(
+                await silent.call.code(),
+                None,
+                await silent.call.trailing_metadata(),
+                await silent.call.details(),
+            )
+            assert details(trailers)["reason"] == "IDLE_TIMEOUT"
+            ping = pinging.send(rt.ClientFrame(ping=rt.Ping()))
+            assert (await pinging.reply_to(ping)).WhichOneof("kind") == "pong"
+            pinging.cancel()
+
+            mute = RawStream(channel, app.mint("carol", 600))  # never sends hello
+            assert await mute.status() == grpc.StatusCode.DEADLINE_EXCEEDED
+            mute.cancel()
+    finally:
+        await app.stop(grace=0.5)
