@@ -21,6 +21,7 @@ from threadline_server.storage.db import migrate
 
 PG_URL = os.environ.get("THREADLINE_TEST_DATABASE_URL", "")
 TABLES = (
+    "uploads",
     "changes",
     "operations",
     "message_revisions",

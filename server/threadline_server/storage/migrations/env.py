@@ -8,6 +8,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+import threadline_server.storage.uploads  # noqa: F401  # registers the uploads table
 from threadline_server.storage.tables import metadata
 
 config = context.config
