@@ -23,14 +23,19 @@ from threadline.v1 import (
     user_service_pb2_grpc,
 )
 from threadline_server.auth import EmbeddedIssuer, TokenVerifier
+from threadline_server.blobs import create_blob_store
+from threadline_server.blobs.local import LocalBlobStore
 from threadline_server.config import Settings
 from threadline_server.domain.messages import GroupCommitter, Messaging
 from threadline_server.domain.threads import Threads
+from threadline_server.domain.uploads import BlobStore, SweepResult, Uploads
 from threadline_server.realtime.broker import LocalBroker
 from threadline_server.realtime.typing import TypingTracker
 from threadline_server.storage.db import Database, ensure_server_state, migrate
 from threadline_server.storage.store import SqlStore
+from threadline_server.storage.uploads import SqlUploadStore
 from threadline_server.transport import codec
+from threadline_server.transport.blob_http import LocalBlobHttp
 from threadline_server.transport.guard import Authenticator
 from threadline_server.transport.http import SideHttp
 from threadline_server.transport.realtime import (
@@ -66,6 +71,8 @@ def embedded_issuer_url(settings: Settings, http_port: int) -> str:
 class ThreadlineServer:
     """The running service: gRPC server, side HTTP, database, broker and background tasks."""
 
+    uploads: Uploads  # built in start(), once the side HTTP port is known
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.db = Database(
@@ -86,7 +93,8 @@ class ThreadlineServer:
         self.health = health.aio.HealthServicer()
         self.realtime: RealtimeServicer | None = None
         self.endpoints: Endpoints | None = None
-        self._pruner: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self.blobs: BlobStore | None = None
 
     async def start(self) -> Endpoints:
         s = self.settings
@@ -96,12 +104,16 @@ class ThreadlineServer:
         await self.db.check_durability()
         await ensure_server_state(self.db, uuid.uuid4().hex)
 
-        # The side HTTP port must be known before the embedded issuer URL is.
-        if s.auth.mode == "embedded":
-            self.http = SideHttp(s.server.host, s.server.http_port, lambda: self._jwks())
-        else:
-            self.http = SideHttp(s.server.host, s.server.http_port, None)
+        # The side HTTP port must be known before the embedded issuer URL is; signed local file
+        # URLs read it when they are signed.
+        self.blobs = self._blob_store()
+        routes = None
+        if isinstance(self.blobs, LocalBlobStore):
+            routes = LocalBlobHttp(self.blobs).add_routes
+        jwks = (lambda: self._jwks()) if s.auth.mode == "embedded" else None
+        self.http = SideHttp(s.server.host, s.server.http_port, jwks, routes)
         http_port = await self.http.start()
+        self.uploads = Uploads(SqlUploadStore(self.db), self.blobs, s.storage)
         if s.auth.mode == "embedded":
             issuer = embedded_issuer_url(s, http_port)
             self.issuer = EmbeddedIssuer.load_or_create(s.server.data_dir, issuer)
@@ -116,7 +128,7 @@ class ThreadlineServer:
             self.verifier, self.store.upsert_user, s.caches.users.max_size, s.caches.users.ttl_s
         )
         threads = Threads(self.store, s.limits)
-        messaging = Messaging(self.committer, self.store, s.limits)
+        messaging = Messaging(self.committer, self.store, self.uploads, s.limits)
         self.committer.start()
         dispatcher = FrameDispatcher(auth, self.store, threads, messaging, self.typing)
         self.realtime = RealtimeServicer(s, auth, self.store, self.broker, dispatcher, self.typing)
@@ -128,7 +140,9 @@ class ThreadlineServer:
         user_service_pb2_grpc.add_UserServiceServicer_to_server(
             UserServicer(auth, self.store, self.broker), server
         )
-        upload_service_pb2_grpc.add_UploadServiceServicer_to_server(UploadServicer(auth), server)
+        upload_service_pb2_grpc.add_UploadServiceServicer_to_server(
+            UploadServicer(auth, self.uploads), server
+        )
         add_realtime_servicer(server, self.realtime)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -140,8 +154,43 @@ class ThreadlineServer:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.endpoints = Endpoints(port, http_port, issuer)
-        self._pruner = asyncio.create_task(self._prune_forever(), name="pruner")
+        self._background = [
+            asyncio.create_task(self._prune_forever(), name="pruner"),
+            asyncio.create_task(self._sweep_forever(), name="upload-sweeper"),
+        ]
         return self.endpoints
+
+    def _blob_store(self) -> BlobStore:
+        st, srv = self.settings.storage, self.settings.server
+        return create_blob_store(
+            st.backend,
+            data_dir=srv.data_dir,
+            public_url=lambda: st.public_url or f"http://{srv.host}:{self._http_port()}",
+            bucket=st.bucket,
+            gcs_endpoint=st.gcs_endpoint,
+            gcs_credentials_file=st.gcs_credentials_file,
+            gcs_anonymous=st.gcs_anonymous,
+            gcs_project=st.gcs_project,
+        )
+
+    def _http_port(self) -> int:
+        assert self.http is not None
+        return self.http.port
+
+    async def _sweep_forever(self) -> None:
+        """Removes uploads never completed or never attached, and files of deleted messages."""
+        while True:
+            await asyncio.sleep(self.settings.storage.cleanup_interval_s)
+            try:
+                result = await self.uploads.sweep()
+                if result.uploads or result.stray_keys:
+                    logger.info(
+                        "swept %d uploads and %d stray objects",
+                        len(result.uploads),
+                        len(result.stray_keys),
+                    )
+            except Exception:
+                logger.exception("upload sweep failed; retrying next interval")
 
     async def _prune_forever(self) -> None:
         """Keeps the change log within retention and idempotency keys within their window."""
@@ -186,8 +235,8 @@ class ThreadlineServer:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: stop accepting, tell streams to reconnect, finish in-flight writes, close."""
         grace = self.settings.server.shutdown_grace_s if grace is None else grace
-        if self._pruner is not None:
-            self._pruner.cancel()
+        for task in self._background:
+            task.cancel()
         await self.health.enter_graceful_shutdown()
         if self.realtime is not None:
             self.realtime.drain()
@@ -231,3 +280,15 @@ def mint_offline(settings: Settings, user_id: str, ttl_s: int | None, **claims: 
 
 async def run_migrations(settings: Settings) -> None:
     await migrate(settings.database_url)
+
+
+async def cleanup(settings: Settings, *, dry_run: bool) -> SweepResult:
+    """`threadline cleanup`: one orphan sweep against the configured database and storage."""
+    app = ThreadlineServer(settings)
+    await migrate(settings.database_url)
+    blobs = app._blob_store()  # the same construction the server uses
+    uploads = Uploads(SqlUploadStore(app.db), blobs, settings.storage)
+    try:
+        return await uploads.sweep(dry_run=dry_run)
+    finally:
+        await app.db.dispose()

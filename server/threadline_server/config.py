@@ -172,6 +172,18 @@ class StorageSettings(BaseModel):
         description="Content types uploads may declare.",
     )
     orphan_ttl_s: int = Field(86_400, description="Unfinished or unattached uploads are removed.")
+    cleanup_interval_s: float = Field(3600.0, description="How often the orphan sweep runs.")
+    public_url: str = Field(
+        "", description="Base URL of local signed file URLs; empty: http://<host>:<http_port>."
+    )
+    gcs_endpoint: str = Field("", description="GCS API endpoint override (an emulator).")
+    gcs_credentials_file: str = Field(
+        "", description="Service-account JSON used for API calls and for signing URLs."
+    )
+    gcs_anonymous: bool = Field(
+        False, description="Anonymous API calls (emulator only); signing still needs the key file."
+    )
+    gcs_project: str = Field("", description="GCS project id.")
 
 
 class CacheEntry(BaseModel):

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from threadline_server.config import LimitsSettings
 from threadline_server.domain.ports import OpKey, SendItem, SendOutcome, Store
+from threadline_server.domain.uploads import Uploads
 from threadline_server.domain.validation import (
     Violations,
     check_id,
@@ -81,9 +82,12 @@ class GroupCommitter:
 class Messaging:
     """Message use cases."""
 
-    def __init__(self, committer: GroupCommitter, store: Store, limits: LimitsSettings) -> None:
+    def __init__(
+        self, committer: GroupCommitter, store: Store, uploads: Uploads, limits: LimitsSettings
+    ) -> None:
         self._committer = committer
         self._store = store
+        self._uploads = uploads
         self._limits = limits
 
     async def send(
@@ -100,19 +104,32 @@ class Messaging:
         v = Violations()
         check_op_id(v, f"{field_prefix}client_op_id", client_op_id, required=True)
         check_id(v, f"{field_prefix}thread_id", thread_id, "thread_id")
-        check_text(v, f"{field_prefix}text", text, max_bytes=self._limits.max_message_bytes)
-        if attachment_ids:
-            # The contract has attachments; the storage feature that backs them comes later.
-            v.add(
-                f"{field_prefix}attachment_ids", "attachments are not supported by this server yet"
-            )
+        check_text(
+            v,
+            f"{field_prefix}text",
+            text,
+            max_bytes=self._limits.max_message_bytes,
+            allow_empty=bool(attachment_ids),
+        )
+        if len(attachment_ids) > self._limits.max_attachments:
+            v.add(f"{field_prefix}attachment_ids", f"at most {self._limits.max_attachments}")
+        if len(set(attachment_ids)) != len(attachment_ids):
+            v.add(f"{field_prefix}attachment_ids", "attachment ids must be unique")
+        for i, upload_id in enumerate(attachment_ids):
+            check_id(v, f"{field_prefix}attachment_ids[{i}]", upload_id, "upload id")
         v.raise_if_any()
+        # Whether each upload is ready, the sender's and free is decided inside the commit
+        # transaction (storage.uploads.check_attachable): a repeated send must find its original
+        # result there, not fail because its uploads are attached (to itself) by now.
         item = SendItem(
             user_id=actor,
             client_op_id=client_op_id,
             thread_id=thread_id,
             text=text,
-            payload_hash=payload_hash("send", thread_id=thread_id, text=text, attachments=[]),
+            payload_hash=payload_hash(
+                "send", thread_id=thread_id, text=text, attachments=list(attachment_ids)
+            ),
+            attachment_ids=tuple(attachment_ids),
         )
         return await self._committer.submit(item)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -23,6 +24,7 @@ from threadline_server.storage.tables import (
     thread_revisions,
     threads,
 )
+from threadline_server.storage.uploads import attachments_for
 
 _MESSAGE_KINDS = {
     EventKind.MESSAGE_CREATED.value,
@@ -71,6 +73,8 @@ async def message_at(conn: AsyncConnection, message_id: str, version: int) -> Me
     if row is None:
         return None
     current = message_from_row(row)
+    files = (await attachments_for(conn, [message_id])).get(message_id, ())
+    current = replace(current, attachments=files)
     if version in (0, current.version):
         return current
     rev = (

@@ -66,6 +66,13 @@ from threadline_server.storage.tables import (
     threads,
     users,
 )
+from threadline_server.storage.uploads import (
+    attach,
+    attachments_for,
+    check_attachable,
+    release_messages,
+    release_thread,
+)
 
 Publish = Callable[[list[Event]], None]
 
@@ -346,6 +353,7 @@ class SqlStore:
             if change.delete:
                 if row.creator_id != actor:
                     raise PermissionDenied("only the thread's creator can delete it")
+                await release_thread(conn, thread_id)
                 await conn.execute(delete(threads).where(threads.c.id == thread_id))
                 events = await self._removal_events(
                     conn, thread_id, row.last_seq, row.version, actor, sorted(members), now, op_id
@@ -424,6 +432,7 @@ class SqlStore:
                 conn, op, "thread", thread_id, events[0].change_seq if events else 0, row.version
             )
             if not new_members:
+                await release_thread(conn, thread_id)
                 await conn.execute(delete(threads).where(threads.c.id == thread_id))
             self._publish_after(tx, events)
             return (thread if actor in new_members else None), False
@@ -556,6 +565,8 @@ class SqlStore:
             .where(threads.c.id.in_(ids))
         )
         last = {r.thread_id: message_from_row(r) for r in last_rows}
+        files = await attachments_for(conn, [m.id for m in last.values()])
+        last = {t: replace(m, attachments=files.get(m.id, ())) for t, m in last.items()}
         return [
             ThreadSummary(
                 thread=thread_from_row(r, members[r.id]),
@@ -646,7 +657,10 @@ class SqlStore:
         async with self._db.read() as conn:
             await self._thread_for_member(conn, user_id, thread_id)
             rows = list((await conn.execute(stmt)).all())
-        return [message_from_row(r) for r in rows[:limit]], len(rows) > limit
+            page = [message_from_row(r) for r in rows[:limit]]
+            files = await attachments_for(conn, [m.id for m in page])
+        page = [replace(m, attachments=files[m.id]) if m.id in files else m for m in page]
+        return page, len(rows) > limit
 
     async def send_messages(self, items: Sequence[SendItem]) -> list[SendOutcome | DomainError]:
         """Group commit: every item in one transaction; per-thread seqs stay gapless.
@@ -656,6 +670,11 @@ class SqlStore:
         """
         try:
             return await self._send_batch(items)
+        except FailedPrecondition as exc:
+            # An upload checked as free was attached by another node meanwhile.
+            if len(items) == 1:
+                return [exc]
+            return [(await self.send_messages([item]))[0] for item in items]
         except IntegrityError:
             if len(items) == 1:
                 # Another node committed the same op id first: answer from its record.
@@ -680,6 +699,8 @@ class SqlStore:
             accepted: list[int] = []
             first_of: dict[tuple[str, str], int] = {}
             replays: dict[int, str] = {}
+            taken: set[str] = set()  # uploads claimed by earlier items of this batch
+            now = _now()
             for idx, item in enumerate(items):
                 key = (item.user_id, item.client_op_id)
                 prior = existing.get(key)
@@ -697,6 +718,14 @@ class SqlStore:
                 elif item.user_id not in members.get(item.thread_id, ()):
                     outcomes[idx] = NotFound("thread", item.thread_id)
                 else:
+                    if item.attachment_ids:
+                        try:
+                            await check_attachable(
+                                conn, item.user_id, item.attachment_ids, taken=taken, now=now
+                            )
+                        except FailedPrecondition as exc:
+                            outcomes[idx] = exc
+                            continue
                     first_of[key] = idx
                     accepted.append(idx)
 
@@ -780,6 +809,10 @@ class SqlStore:
                     outcomes[idx] = SendOutcome(msg, change, False)
                     change += 1
                 await conn.execute(insert(messages), message_rows)
+                for pos, idx in enumerate(written):
+                    item = items[idx]
+                    if item.attachment_ids:
+                        await self._attach(conn, item, events, pos, outcomes, idx, now)
                 await conn.execute(insert(operations), op_rows)
                 await self._insert_changes(conn, events)
             if replays:
@@ -852,6 +885,8 @@ class SqlStore:
                 text = merged
             await save_message_revision(conn, row, now)
             deleted = text is None
+            if deleted:  # its files go with it, at the same COMMIT
+                await release_messages(conn, [message_id])
             await conn.execute(
                 update(messages)
                 .where(messages.c.id == message_id)
@@ -908,6 +943,27 @@ class SqlStore:
             wanted = replace(base, **_record_fields(fields))
             raise MergeConflict(base, current, wanted, row.version, outcome.conflicts)
         return outcome.values
+
+    @staticmethod
+    async def _attach(
+        conn: AsyncConnection,
+        item: SendItem,
+        events: list[Event],
+        pos: int,
+        outcomes: list[SendOutcome | DomainError | None],
+        idx: int,
+        now: datetime,
+    ) -> None:
+        """Attaches a new message's uploads in its commit transaction; the event and the result
+        then carry the attachment metadata."""
+        event = events[pos]
+        assert isinstance(event.payload, Message)
+        attachments = await attach(
+            conn, item.user_id, event.payload.id, item.attachment_ids, now=now
+        )
+        message = replace(event.payload, attachments=attachments)
+        events[pos] = replace(event, payload=message)
+        outcomes[idx] = SendOutcome(message, event.change_seq, False)
 
     # ---- sync -----------------------------------------------------------------------------
 

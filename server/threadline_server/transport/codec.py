@@ -13,9 +13,10 @@ from threadline.v1 import (
     realtime_pb2,
     realtime_service_pb2,
     thread_pb2,
+    upload_pb2,
     user_pb2,
 )
-from threadline_server.domain import models
+from threadline_server.domain import models, uploads
 from threadline_server.realtime.session import EventBytes
 
 
@@ -72,6 +73,26 @@ def message(m: models.Message) -> message_pb2.Message:
         deleted=m.deleted,
         create_time=ts(m.created_at),
         update_time=ts(m.updated_at),
+    )
+
+
+# `deleting` never reaches a client: such an upload is already gone for every purpose.
+_UPLOAD_STATES = {"pending": 1, "ready": 2, "attached": 3}
+
+
+def upload(u: uploads.Upload) -> upload_pb2.Upload:
+    return upload_pb2.Upload(
+        name=f"uploads/{u.id}",
+        id=u.id,
+        file_name=u.file_name,
+        content_type=u.content_type,
+        size_bytes=u.size_bytes,
+        state=_UPLOAD_STATES.get(u.state, 0),  # type: ignore[arg-type]  # an UploadState value
+        sha256=u.sha256,
+        uploader_id=u.uploader_id,
+        version=u.version,
+        create_time=ts(u.created_at),
+        expire_time=ts(u.expires_at),
     )
 
 

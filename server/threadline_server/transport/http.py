@@ -1,4 +1,4 @@
-"""Side HTTP listener: serves the embedded issuer's JWKS (later: signed local file URLs)."""
+"""Side HTTP listener: the embedded issuer's JWKS, signed local file URLs, a liveness probe."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ from aiohttp import web
 class SideHttp:
     """A small aiohttp app on its own port, started and stopped with the gRPC server."""
 
-    def __init__(self, host: str, port: int, jwks: Callable[[], dict[str, Any]] | None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        jwks: Callable[[], dict[str, Any]] | None,
+        routes: Callable[[web.UrlDispatcher], None] | None = None,
+    ) -> None:
         self._host = host
         self._port = port
         self._app = web.Application()
@@ -27,6 +33,8 @@ class SideHttp:
             return web.Response(text="ok")
 
         self._app.router.add_get("/healthz", healthz)
+        if routes is not None:  # e.g. signed local file URLs; aiohttp freezes routes on start
+            routes(self._app.router)
         self._runner = web.AppRunner(self._app, access_log=None)
         self.port = port
 

@@ -23,8 +23,8 @@ from threadline.v1 import (
 from threadline_server.domain.models import Principal
 from threadline_server.domain.ports import Broker, Store
 from threadline_server.domain.threads import Threads
+from threadline_server.domain.uploads import Uploads
 from threadline_server.domain.validation import Violations
-from threadline_server.errors import NotImplementedYet
 from threadline_server.transport import codec
 from threadline_server.transport.guard import Authenticator, guarded
 
@@ -202,22 +202,36 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
 
 @guarded
 class UploadServicer(upload_service_pb2_grpc.UploadServiceServicer):
-    """The contract is defined; storage arrives with the files feature."""
-
-    def __init__(self, auth: Authenticator) -> None:
+    def __init__(self, auth: Authenticator, uploads: Uploads) -> None:
         self.auth = auth
+        self.uploads = uploads
 
     async def CreateUpload(  # type: ignore[override]
         self, request: us.CreateUploadRequest, context: Ctx, principal: Principal
     ) -> us.CreateUploadResponse:
-        raise NotImplementedYet("file uploads are not available on this server yet")
+        upload, url = await self.uploads.create(
+            principal.user_id,
+            request.file_name,
+            request.content_type,
+            request.size_bytes,
+            request.client_op_id,
+        )
+        return us.CreateUploadResponse(
+            upload=codec.upload(upload),
+            upload_url=url.url,
+            upload_method=url.method,
+            upload_headers=dict(url.headers),
+            upload_url_expire_time=codec.ts(url.expires_at),
+        )
 
     async def CompleteUpload(  # type: ignore[override]
         self, request: us.CompleteUploadRequest, context: Ctx, principal: Principal
     ) -> us.CompleteUploadResponse:
-        raise NotImplementedYet("file uploads are not available on this server yet")
+        upload = await self.uploads.complete(principal.user_id, request.upload_id)
+        return us.CompleteUploadResponse(upload=codec.upload(upload))
 
     async def GetDownloadUrl(  # type: ignore[override]
         self, request: us.GetDownloadUrlRequest, context: Ctx, principal: Principal
     ) -> us.GetDownloadUrlResponse:
-        raise NotImplementedYet("file uploads are not available on this server yet")
+        url = await self.uploads.download_url(principal.user_id, request.upload_id)
+        return us.GetDownloadUrlResponse(download_url=url.url, expire_time=codec.ts(url.expires_at))
