@@ -6,7 +6,7 @@ Set THREADLINE_TEST_DATABASE_URL=postgresql+asyncpg://... to run the same suite 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from tests.support.blob_servers import GcsEmulator, gcs_emulator
 from threadline_server.app import ThreadlineServer
 from threadline_server.config import Settings
 from threadline_server.storage.db import migrate
@@ -116,6 +117,13 @@ def token(server: ThreadlineServer) -> Callable[..., str]:
 async def channel(target: str) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(target) as ch:
         yield ch
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
+    """gcp-storage-emulator in a subprocess, once per session (each user takes a new bucket)."""
+    with gcs_emulator(tmp_path_factory.mktemp("gcs")) as running:
+        yield running
 
 
 def bearer(tok: str) -> tuple[tuple[str, str], ...]:

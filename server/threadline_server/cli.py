@@ -8,7 +8,14 @@ from typing import Annotated
 
 import typer
 
-from threadline_server.app import Endpoints, ThreadlineServer, mint_offline, run_migrations, serve
+from threadline_server.app import (
+    Endpoints,
+    ThreadlineServer,
+    cleanup,
+    mint_offline,
+    run_migrations,
+    serve,
+)
 from threadline_server.config import Settings, config_table, load_settings
 
 cli = typer.Typer(help="Threadline: a gRPC-first realtime messaging backend.", no_args_is_help=True)
@@ -64,6 +71,32 @@ def token_cmd(
         raise typer.BadParameter("tokens can only be minted in embedded auth mode")
     claims = {"name": name} if name else {}
     print(mint_offline(settings, user_id, ttl, **claims))
+
+
+@cli.command("cleanup")
+def cleanup_cmd(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be removed; change nothing.")
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Remove orphaned uploads (never completed, never attached, or of deleted messages)."""
+    settings = _settings(config)
+    result = asyncio.run(cleanup(settings, dry_run=dry_run))
+    verb = "would remove" if dry_run else "removed"
+    for upload in result.uploads:
+        print(
+            f"{verb} upload {upload.id} ({upload.state}, {upload.size_bytes} bytes, "
+            f"{upload.file_name!r})"
+        )
+    for key in result.stray_keys:
+        print(f"{verb} stray object {key}")
+    for upload in result.failed:
+        print(f"could not remove upload {upload.id} yet (retried on the next sweep)")
+    print(
+        f"threadline: {verb} {len(result.uploads)} uploads and "
+        f"{len(result.stray_keys)} stray objects"
+    )
 
 
 @cli.command("config-table")

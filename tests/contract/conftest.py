@@ -4,14 +4,14 @@ subprocess, started once per session, a fresh bucket per test)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.blob_servers import GcsEmulator, gcs_emulator, local_blob_server
+from tests.support.blob_servers import GcsEmulator, local_blob_server
 from threadline_server.blobs.gcs import GcsBlobStore
 from threadline_server.domain.uploads import BlobStore
 
@@ -22,12 +22,6 @@ class Backend:
     store: BlobStore
     http: httpx.AsyncClient
     emulator: GcsEmulator | None = None
-
-
-@pytest.fixture(scope="session")
-def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
-    with gcs_emulator(tmp_path_factory.mktemp("gcs")) as running:
-        yield running
 
 
 def gcs_store(running: GcsEmulator) -> GcsBlobStore:
