@@ -59,13 +59,24 @@ async def files(request, settings_factory) -> AsyncIterator[Running]:
 
 
 async def upload(run: Running, user: str, data: bytes, name: str = "cat.png") -> str:
-    stub = upg.UploadServiceStub(run.channel)
+    return await upload_as(run.channel, run.http, run.meta(user), data, name)
+
+
+async def upload_as(
+    channel: grpc.aio.Channel,
+    http: httpx.AsyncClient,
+    meta: tuple[tuple[str, str], ...],
+    data: bytes,
+    name: str = "cat.png",
+) -> str:
+    """Create, PUT to the signed URL with a plain HTTP client, complete; returns the id."""
+    stub = upg.UploadServiceStub(channel)
     created = await stub.CreateUpload(
         up.CreateUploadRequest(file_name=name, content_type="image/png", size_bytes=len(data)),
-        metadata=run.meta(user),
+        metadata=meta,
     )
     assert created.upload.state == 1  # pending
-    put = await run.http.request(
+    put = await http.request(
         created.upload_method,
         created.upload_url,
         content=data,
@@ -73,7 +84,7 @@ async def upload(run: Running, user: str, data: bytes, name: str = "cat.png") ->
     )
     assert put.status_code in (200, 201), put.text
     done = await stub.CompleteUpload(
-        up.CompleteUploadRequest(upload_id=created.upload.id), metadata=run.meta(user)
+        up.CompleteUploadRequest(upload_id=created.upload.id), metadata=meta
     )
     assert done.upload.state == 2 and done.upload.sha256 == hashlib.sha256(data).hexdigest()
     return created.upload.id
@@ -237,3 +248,58 @@ async def test_local_urls_refuse_tampering_expiry_and_other_objects(settings_fac
             assert expired.status_code == 403
     finally:
         await app.stop(grace=0.5)
+
+
+async def test_cleanup_cli_removes_orphans_keeps_attached_and_dry_run_changes_nothing(
+    tmp_path, db_url
+):
+    from tests.support.process import ServerProcess
+
+    proc = ServerProcess(
+        tmp_path / "data",
+        db_url,
+        THREADLINE_STORAGE__URL_EXPIRY_S="1",
+        THREADLINE_STORAGE__ORPHAN_TTL_S="2",
+    )
+    proc.start()
+    try:
+        tok = proc.cli("token", "alice")
+        async with (
+            grpc.aio.insecure_channel(proc.target) as channel,
+            httpx.AsyncClient(timeout=30) as http,
+        ):
+            stub = upg.UploadServiceStub(channel)
+            kept = await upload_as(channel, http, bearer(tok), PNG)
+            thread = await create_thread(channel, tok, "bob")
+            stream = RawStream(channel, tok)
+            await stream.hello()
+            rid = stream.send(
+                rt.ClientFrame(
+                    send_message=rt.SendMessage(
+                        client_op_id="keep", thread_id=thread, text="", attachment_ids=[kept]
+                    )
+                )
+            )
+            assert (await stream.reply_to(rid)).operation_result.WhichOneof(
+                "outcome"
+            ) == "confirmed"
+            stream.cancel()
+            orphan = await stub.CreateUpload(
+                up.CreateUploadRequest(file_name="o.png", content_type="image/png", size_bytes=5),
+                metadata=bearer(tok),
+            )
+            await asyncio.sleep(2.5)
+            dry = proc.cli("cleanup", "--dry-run")
+            assert f"would remove upload {orphan.upload.id}" in dry and kept not in dry
+            assert "would remove 1 uploads" in dry
+            again = proc.cli("cleanup", "--dry-run")  # a dry run changed nothing
+            assert f"would remove upload {orphan.upload.id}" in again
+            real = proc.cli("cleanup")
+            assert f"removed upload {orphan.upload.id}" in real
+            assert "removed 0 uploads" in proc.cli("cleanup")
+            url = await stub.GetDownloadUrl(
+                up.GetDownloadUrlRequest(upload_id=kept), metadata=bearer(tok)
+            )
+            assert (await http.get(url.download_url)).content == PNG  # attached file kept
+    finally:
+        proc.stop()
