@@ -75,6 +75,8 @@ def make_settings(data_dir: Path, db_url: str, **sections: dict[str, Any]) -> Se
     base: dict[str, dict[str, Any]] = {
         "server": {"port": 0, "http_port": 0, "data_dir": data_dir, "shutdown_grace_s": 1.0},
         "database": {"url": db_url},
+        # Throughput tests send hundreds of messages a second; the limit has its own tests.
+        "limits": {"operations_per_minute": 0},
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)

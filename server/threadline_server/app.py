@@ -26,6 +26,7 @@ from threadline_server.auth import EmbeddedIssuer, TokenVerifier
 from threadline_server.blobs import create_blob_store
 from threadline_server.blobs.local import LocalBlobStore
 from threadline_server.config import Settings
+from threadline_server.domain.limits import RateLimiter
 from threadline_server.domain.messages import GroupCommitter, Messaging
 from threadline_server.domain.threads import Threads
 from threadline_server.domain.uploads import BlobStore, SweepResult, Uploads
@@ -130,7 +131,8 @@ class ThreadlineServer:
         threads = Threads(self.store, s.limits)
         messaging = Messaging(self.committer, self.store, self.uploads, s.limits)
         self.committer.start()
-        dispatcher = FrameDispatcher(auth, self.store, threads, messaging, self.typing)
+        limiter = RateLimiter(s.limits.operations_per_minute)
+        dispatcher = FrameDispatcher(auth, self.store, threads, messaging, self.typing, limiter)
         self.realtime = RealtimeServicer(s, auth, self.store, self.broker, dispatcher, self.typing)
 
         server = grpc.aio.server(options=self._grpc_options())

@@ -145,7 +145,11 @@ class LimitsSettings(BaseModel):
     max_title_chars: int = Field(200, description="Longest thread title.")
     max_participants: int = Field(100, description="Participants per thread.")
     max_attachments: int = Field(10, description="Attachments per message.")
-    operations_per_minute: int = Field(60, description="Writes per user per minute.")
+    operations_per_minute: int = Field(
+        60,
+        description="Stream writes (sends, edits, deletes, operations) per user per minute, "
+        "in bursts of up to that many; 0 lifts the limit.",
+    )
     compression_threshold_bytes: int = Field(10_240, description="Frames from this size: gzip.")
     idempotency_window_s: int = Field(
         86_400, description="Client operation ids are remembered at least this long."

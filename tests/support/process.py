@@ -29,6 +29,7 @@ class ServerProcess:
             "THREADLINE_SERVER__PORT": str(self.grpc_port),
             "THREADLINE_SERVER__HTTP_PORT": str(self.http_port),
             "THREADLINE_DATABASE__URL": db_url,
+            "THREADLINE_LIMITS__OPERATIONS_PER_MINUTE": "0",
             **env,
         }
         self.proc: subprocess.Popen[str] | None = None

@@ -17,6 +17,7 @@ from threadline.v1 import errors_pb2
 from threadline.v1 import realtime_pb2 as rt
 from threadline.v1 import realtime_service_pb2 as rs
 from threadline_server.config import Settings
+from threadline_server.domain.limits import RateLimiter
 from threadline_server.domain.messages import Messaging
 from threadline_server.domain.models import Principal
 from threadline_server.domain.ports import Store
@@ -64,12 +65,14 @@ class FrameDispatcher:
         threads: Threads,
         messaging: Messaging,
         typing: TypingTracker,
+        limiter: RateLimiter,
     ) -> None:
         self.auth = auth
         self.store = store
         self.threads = threads
         self.messaging = messaging
         self.typing = typing
+        self.limiter = limiter
 
     async def handle(
         self, principal: Principal, session: StreamSession | None, frame: rt.ClientFrame
@@ -117,6 +120,7 @@ class FrameDispatcher:
     async def _send(self, principal: Principal, frame: rt.ClientFrame) -> rt.OperationResult:
         m = frame.send_message
         try:
+            self.limiter.check(principal.user_id)
             outcome = await self.messaging.send(
                 principal.user_id,
                 client_op_id=m.client_op_id,
@@ -137,6 +141,7 @@ class FrameDispatcher:
     async def _operation(self, principal: Principal, op: rt.Operation) -> rt.OperationResult:
         user = principal.user_id
         try:
+            self.limiter.check(user)
             resource = op.WhichOneof("resource")
             if resource == "message" and op.kind == _CREATE:
                 outcome = await self.messaging.send(
