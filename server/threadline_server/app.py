@@ -245,6 +245,7 @@ class ThreadlineServer:
         if self.server is not None:
             await self.server.stop(grace)
         await self.committer.stop()
+        await self.store.drain()
         if self.http is not None:
             await self.http.stop()
         if self.verifier is not None:

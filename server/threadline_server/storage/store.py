@@ -3,13 +3,14 @@ and idempotency keys, with events published only after COMMIT."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import and_, delete, func, insert, select, tuple_, update
 from sqlalchemy.engine import Row
@@ -75,6 +76,28 @@ from threadline_server.storage.uploads import (
 )
 
 Publish = Callable[[list[Event]], None]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def runs_to_completion(
+    fn: Callable[Concatenate[SqlStore, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[SqlStore, P], Coroutine[Any, Any, R]]:
+    """A write that has started finishes, even if its caller is cancelled (a client hanging up,
+    a server stopping): a transaction cut off between BEGIN IMMEDIATE and COMMIT can leave its
+    connection holding the database's write lock. The caller's outcome is then "unknown", which
+    the protocol already covers: retry with the same client_op_id. `SqlStore.drain` waits for
+    these before the engine is disposed."""
+
+    async def wrapper(self: SqlStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        task = asyncio.ensure_future(fn(self, *args, **kwargs))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return await asyncio.shield(task)
+
+    # Not functools.wraps: mypy loses the Concatenate[SqlStore, P] signature through it.
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
 
 
 def new_id() -> str:
@@ -92,6 +115,12 @@ class SqlStore:
     def __init__(self, db: Database, publish: Publish) -> None:
         self._db = db
         self._publish = publish
+        self._inflight: set[asyncio.Future[Any]] = set()
+
+    async def drain(self) -> None:
+        """Waits for writes whose callers went away (see runs_to_completion)."""
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
 
     # ---- shared write helpers -------------------------------------------------------------
 
@@ -213,6 +242,7 @@ class SqlStore:
 
     # ---- users ----------------------------------------------------------------------------
 
+    @runs_to_completion
     async def upsert_user(self, principal: Principal) -> None:
         async with self._db.write() as tx:
             conn = tx.conn
@@ -239,6 +269,7 @@ class SqlStore:
             raise NotFound("user", user_id)
         return _user(row), _prefs(row)
 
+    @runs_to_completion
     async def update_preferences(
         self, user_id: str, values: dict[str, Any], expected_version: int
     ) -> Preferences:
@@ -262,6 +293,7 @@ class SqlStore:
 
     # ---- threads --------------------------------------------------------------------------
 
+    @runs_to_completion
     async def create_thread(
         self,
         actor: str,
@@ -324,6 +356,7 @@ class SqlStore:
             self._publish_after(tx, [event])
             return thread, False
 
+    @runs_to_completion
     async def change_thread(
         self, actor: str, thread_id: str, change: ThreadChange, op: OpKey | None
     ) -> tuple[Thread | None, bool]:
@@ -356,7 +389,14 @@ class SqlStore:
                 await release_thread(conn, thread_id)
                 await conn.execute(delete(threads).where(threads.c.id == thread_id))
                 events = await self._removal_events(
-                    conn, thread_id, row.last_seq, row.version, actor, sorted(members), now, op_id
+                    conn,
+                    thread_id,
+                    row.last_seq,
+                    row.version + 1,
+                    actor,
+                    sorted(members),
+                    now,
+                    op_id,
                 )
                 await self._record_op(conn, op, "thread", thread_id, events[0].change_seq)
                 self._publish_after(tx, events)
@@ -476,7 +516,7 @@ class SqlStore:
             EventKind.THREAD_REMOVED,
             thread_id,
             last_seq,
-            version + 1,
+            version,
             actor,
             now,
             None,
@@ -599,6 +639,7 @@ class SqlStore:
         )
         return {tid: int(n) for tid, n in rows}
 
+    @runs_to_completion
     async def mark_read(self, user_id: str, thread_id: str, read_seq: int) -> ReadMarker:
         async with self._db.write() as tx:
             conn = tx.conn
@@ -838,6 +879,7 @@ class SqlStore:
             self._publish_after(tx, events)
         return [o if o is not None else Unavailable("INTERNAL", "lost outcome") for o in outcomes]
 
+    @runs_to_completion
     async def change_message(
         self,
         actor: str,
@@ -997,6 +1039,7 @@ class SqlStore:
                 out.append((row.client_op_id, op, resource))
             return out
 
+    @runs_to_completion
     async def prune(self, retention_s: int, idempotency_window_s: int) -> tuple[int, int]:
         async with self._db.write() as tx:
             return await prune(tx.conn, _now(), retention_s, idempotency_window_s)
