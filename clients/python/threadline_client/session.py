@@ -566,6 +566,7 @@ class ThreadlineSession:
                         buffered.extend(frame.events.events)
                         continue
                     self.store.apply_events(frame.events.events, replay=frame.events.replay)
+                    self._fill_joined(frame.events.events)
                     if caught_up:
                         await self._ack(stream)
                 elif kind == "sync_complete":
@@ -684,6 +685,26 @@ class ThreadlineSession:
                     waiter.set_result(outcome)
             if outcome.conflict is not None:
                 self._spawn(self._resolve(outcome.conflict))
+
+    def _fill_joined(self, events: Iterable[realtime_pb2.Event]) -> None:
+        """A thread the user was added to arrives as its bare record: fetch what a snapshot would
+        have had for it (read state, unread count, newest message, recent history)."""
+        for event in events:
+            if event.kind == realtime_pb2.EVENT_KIND_THREAD_CREATED and event.thread.last_seq:
+                self._spawn(self._load_joined(event.thread.id))
+
+    async def _load_joined(self, thread_id: str) -> None:
+        try:
+            summary = await self.client.get_thread(thread_id)
+            page = await self.client.list_messages(
+                thread_id,
+                thread_service_pb2.ListMessagesRequest.DIRECTION_BACKWARD,
+                page_size=self.history,
+            )
+        except ThreadlineError as exc:  # removed again meanwhile, or offline: a reload covers it
+            logger.info("could not load joined thread %s: %s", thread_id, exc.code)
+            return
+        self.store.apply_joined(summary, page.messages)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

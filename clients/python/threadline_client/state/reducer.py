@@ -142,6 +142,33 @@ class _ServerReducer(_StoreCore):
             self._upsert_message(m, delta, count_unread=False)
         self._commit(delta, ChangeKind.SNAPSHOT)
 
+    def apply_joined(
+        self, summary: thread_pb2.ThreadSummary, messages: Iterable[message_pb2.Message]
+    ) -> None:
+        """Fills in a thread the user was just added to: a THREAD_CREATED event carries only the
+        thread, so its read state, unread count, newest message and recent history are fetched
+        afterwards (see ThreadlineSession) and merged here by the version rule."""
+        t = summary.thread
+        view = self.state.threads.by_id.get(t.id)
+        if view is None:  # removed again before the fetch came back
+            return
+        delta = _Delta()
+        if view.server.version <= t.version:
+            view.server = _copy_thread(t)
+        view.server_read_seq = max(view.server_read_seq, summary.read_seq)
+        view.server_unread = summary.unread_count
+        view.last_seq = max(view.last_seq, t.last_seq)
+        newest = summary.last_message if summary.HasField("last_message") else None
+        if newest is not None and (
+            view.last_message is None or newest.seq >= view.last_message.seq
+        ):
+            view.last_message = _copy_message(newest)
+        for m in messages:
+            self._upsert_message(m, delta, count_unread=False)
+        self._recompute_thread(view)
+        delta.threads.add(t.id)
+        self._commit(delta, ChangeKind.SNAPSHOT)
+
     def _replace_messages(
         self, thread_id: str, messages: Sequence[message_pb2.Message], delta: _Delta
     ) -> None:
