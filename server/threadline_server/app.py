@@ -30,6 +30,7 @@ from threadline_server.domain.limits import RateLimiter
 from threadline_server.domain.messages import GroupCommitter, Messaging
 from threadline_server.domain.threads import Threads
 from threadline_server.domain.uploads import BlobStore, SweepResult, Uploads
+from threadline_server.observability import Metrics
 from threadline_server.realtime.broker import LocalBroker
 from threadline_server.realtime.typing import TypingTracker
 from threadline_server.storage.db import Database, ensure_server_state, migrate
@@ -76,16 +77,22 @@ class ThreadlineServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.metrics = Metrics()
         self.db = Database(
             settings.database_url,
             pool_size=settings.database.pool_size,
             query_timeout_s=settings.database.query_timeout_s,
             slow_query_s=settings.database.slow_query_s,
             sqlite_synchronous=settings.database.sqlite_synchronous,
+            on_slow_query=self.metrics.slow_queries.inc,
         )
-        self.broker = LocalBroker(codec.encode_event, settings.realtime.max_connections_per_user)
+        self.broker = LocalBroker(
+            codec.encode_event, settings.realtime.max_connections_per_user, self.metrics
+        )
         self.store = SqlStore(self.db, self.broker.publish)
-        self.committer = GroupCommitter(self.store, settings.database.group_commit_max)
+        self.committer = GroupCommitter(
+            self.store, settings.database.group_commit_max, self._observe_batch
+        )
         self.typing = TypingTracker(self.broker.publish, settings.realtime.typing_ttl_s)
         self.server: grpc.aio.Server | None = None
         self.http: SideHttp | None = None
@@ -112,7 +119,7 @@ class ThreadlineServer:
         if isinstance(self.blobs, LocalBlobStore):
             routes = LocalBlobHttp(self.blobs).add_routes
         jwks = (lambda: self._jwks()) if s.auth.mode == "embedded" else None
-        self.http = SideHttp(s.server.host, s.server.http_port, jwks, routes)
+        self.http = SideHttp(s.server.host, s.server.http_port, jwks, routes, self.metrics.render)
         http_port = await self.http.start()
         self.uploads = Uploads(SqlUploadStore(self.db), self.blobs, s.storage)
         if s.auth.mode == "embedded":
@@ -132,19 +139,22 @@ class ThreadlineServer:
         messaging = Messaging(self.committer, self.store, self.uploads, s.limits)
         self.committer.start()
         limiter = RateLimiter(s.limits.operations_per_minute)
-        dispatcher = FrameDispatcher(auth, self.store, threads, messaging, self.typing, limiter)
+        dispatcher = FrameDispatcher(
+            auth, self.store, threads, messaging, self.typing, limiter, self.metrics
+        )
         self.realtime = RealtimeServicer(s, auth, self.store, self.broker, dispatcher, self.typing)
 
         server = grpc.aio.server(options=self._grpc_options())
-        thread_service_pb2_grpc.add_ThreadServiceServicer_to_server(
-            ThreadServicer(auth, threads), server
+        servicers = (
+            ThreadServicer(auth, threads),
+            UserServicer(auth, self.store, self.broker),
+            UploadServicer(auth, self.uploads),
         )
-        user_service_pb2_grpc.add_UserServiceServicer_to_server(
-            UserServicer(auth, self.store, self.broker), server
-        )
-        upload_service_pb2_grpc.add_UploadServiceServicer_to_server(
-            UploadServicer(auth, self.uploads), server
-        )
+        for servicer in servicers:
+            servicer.metrics = self.metrics  # errors by status code, counted by the guard
+        thread_service_pb2_grpc.add_ThreadServiceServicer_to_server(servicers[0], server)
+        user_service_pb2_grpc.add_UserServiceServicer_to_server(servicers[1], server)
+        upload_service_pb2_grpc.add_UploadServiceServicer_to_server(servicers[2], server)
         add_realtime_servicer(server, self.realtime)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -207,6 +217,10 @@ class ThreadlineServer:
                     logger.info("pruned %d changes and %d idempotency keys", changes, keys)
             except Exception:
                 logger.exception("pruning failed; retrying next interval")
+
+    def _observe_batch(self, size: int) -> None:
+        self.metrics.commit_batch.observe(size)
+        self.metrics.messages_in.inc(size)
 
     def _jwks(self) -> dict[str, Any]:
         assert self.issuer is not None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Annotated
 
 import typer
@@ -17,6 +16,7 @@ from threadline_server.app import (
     serve,
 )
 from threadline_server.config import Settings, config_table, load_settings
+from threadline_server.observability import setup_logging
 
 cli = typer.Typer(help="Threadline: a gRPC-first realtime messaging backend.", no_args_is_help=True)
 
@@ -27,10 +27,7 @@ ConfigOpt = Annotated[
 
 def _settings(config: str | None) -> Settings:
     settings = load_settings(config)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(settings.log_level, settings.log_format)
     return settings
 
 

@@ -229,6 +229,9 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     caches: CacheSettings = CacheSettings()
     log_level: str = Field("INFO", description="Logging level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text for people, json (one object per line) for log pipelines."
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from threadline_server.config import LimitsSettings
 from threadline_server.domain.ports import OpKey, SendItem, SendOutcome, Store
@@ -29,9 +29,15 @@ logger = logging.getLogger(__name__)
 class GroupCommitter:
     """Collects pending sends and writes whatever has queued up in one transaction."""
 
-    def __init__(self, store: Store, max_batch: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        max_batch: int,
+        observe_batch: Callable[[int], None] = lambda _size: None,
+    ) -> None:
         self._store = store
         self._max_batch = max_batch
+        self._observe_batch = observe_batch
         self._queue: asyncio.Queue[tuple[SendItem, asyncio.Future[SendOutcome]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -61,6 +67,7 @@ class GroupCommitter:
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            self._observe_batch(len(batch))
             try:
                 outcomes: Sequence[SendOutcome | DomainError] = await self._store.send_messages(
                     [item for item, _ in batch]

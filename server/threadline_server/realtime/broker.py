@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable
 
 from threadline_server.domain.models import Event
 from threadline_server.errors import Unavailable
+from threadline_server.observability import Metrics
 from threadline_server.realtime.session import EventBytes, StreamSession
 
 logger = logging.getLogger(__name__)
@@ -20,9 +22,12 @@ class LocalBroker:
     """Delivers to sessions on this node. Each event is encoded at most twice (once for its
     author's streams, which carry the client_op_id, once for everyone else), never per stream."""
 
-    def __init__(self, encode: Encoder, max_connections_per_user: int) -> None:
+    def __init__(
+        self, encode: Encoder, max_connections_per_user: int, metrics: Metrics | None = None
+    ) -> None:
         self._encode = encode
         self._max_per_user = max_connections_per_user
+        self._metrics = metrics
         self._by_user: dict[str, list[StreamSession]] = defaultdict(list)
         self._by_id: dict[str, StreamSession] = {}
 
@@ -32,6 +37,7 @@ class LocalBroker:
         sessions = self._by_user[session.user_id]
         sessions.append(session)
         self._by_id[session.session_id] = session
+        self._count()
         while len(sessions) > self._max_per_user:
             oldest = sessions.pop(0)
             self._by_id.pop(oldest.session_id, None)
@@ -45,6 +51,12 @@ class LocalBroker:
             if not sessions:
                 del self._by_user[session.user_id]
         self._by_id.pop(session.session_id, None)
+        self._count()
+
+    def _count(self) -> None:
+        if self._metrics is not None:
+            self._metrics.streams.set(len(self._by_id))
+            self._metrics.users_online.set(len(self._by_user))
 
     def session(self, session_id: str) -> StreamSession | None:
         return self._by_id.get(session_id)
@@ -53,6 +65,8 @@ class LocalBroker:
         return bool(self._by_user.get(user_id))
 
     def publish(self, events: list[Event]) -> None:
+        started = time.perf_counter()
+        delivered = 0
         for event in events:
             plain: EventBytes | None = None
             authored: EventBytes | None = None
@@ -66,6 +80,10 @@ class LocalBroker:
                         if plain is None:
                             plain = self._encode(event, False)
                         session.deliver(plain)
+                    delivered += 1
+        if self._metrics is not None:
+            self._metrics.deliveries.inc(delivered)
+            self._metrics.fanout_seconds.observe(time.perf_counter() - started)
 
     def all_sessions(self) -> list[StreamSession]:
         return list(self._by_id.values())

@@ -52,6 +52,7 @@ class Database:
         query_timeout_s: float = 5.0,
         slow_query_s: float = 1.0,
         sqlite_synchronous: str = "FULL",
+        on_slow_query: Callable[[], None] = lambda: None,
     ) -> None:
         self.url = url
         parsed = make_url(url)
@@ -82,7 +83,7 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.is_sqlite:
             _install_sqlite_hooks(self.engine, sqlite_synchronous)
-        _install_slow_query_log(self.engine, slow_query_s)
+        _install_slow_query_log(self.engine, slow_query_s, on_slow_query)
 
     async def check_durability(self) -> None:
         """Asserts the settings that make an acknowledgement mean durable (P1)."""
@@ -169,7 +170,9 @@ def _install_sqlite_hooks(engine: AsyncEngine, synchronous: str) -> None:
             conn.exec_driver_sql("BEGIN")
 
 
-def _install_slow_query_log(engine: AsyncEngine, threshold_s: float) -> None:
+def _install_slow_query_log(
+    engine: AsyncEngine, threshold_s: float, on_slow: Callable[[], None]
+) -> None:
     sync_engine = engine.sync_engine
 
     @event.listens_for(sync_engine, "before_cursor_execute")
@@ -182,7 +185,13 @@ def _install_slow_query_log(engine: AsyncEngine, threshold_s: float) -> None:
     def _after(conn: Any, _cursor: Any, statement: str, _p: Any, _c: Any, _m: Any) -> None:
         elapsed = time.perf_counter() - conn.info["query_start"].pop()
         if elapsed >= threshold_s:
-            logger.warning("slow query (%.3f s): %s", elapsed, statement[:200])
+            on_slow()
+            logger.warning(
+                "slow query (%.3f s): %s",
+                elapsed,
+                statement[:200],
+                extra={"duration_s": round(elapsed, 3), "statement": statement[:500]},
+            )
 
 
 def alembic_config(url: str) -> AlembicConfig:

@@ -14,6 +14,7 @@ from grpc_status import rpc_status
 
 from threadline_server.domain.models import Principal
 from threadline_server.errors import DomainError, Unauthenticated
+from threadline_server.observability import Metrics
 from threadline_server.transport.status import internal_status, to_status
 
 
@@ -60,11 +61,20 @@ class Authenticator:
             self._seen[key] = True
 
 
-async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+async def abort(
+    context: grpc.aio.ServicerContext[Any, Any],
+    exc: BaseException,
+    metrics: Metrics | None = None,
+) -> None:
     if isinstance(exc, DomainError):
         status = to_status(exc)
     else:
         status, _ = internal_status(exc)
+    if metrics is not None:
+        metrics.errors.labels(_CODE_NAMES.get(status.code, "UNKNOWN")).inc()
     await context.abort_with_status(rpc_status.to_status(status))
 
 
@@ -94,7 +104,7 @@ def _wrap_unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[An
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:  # the boundary: everything becomes a status
-            await abort(context, exc)
+            await abort(context, exc, getattr(self, "metrics", None))
             raise AssertionError("unreachable") from exc  # abort always raises
 
     return wrapper
@@ -110,6 +120,6 @@ def _wrap_stream(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:  # the boundary: everything becomes a status
-            await abort(context, exc)
+            await abort(context, exc, getattr(self, "metrics", None))
 
     return wrapper

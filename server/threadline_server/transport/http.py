@@ -17,6 +17,7 @@ class SideHttp:
         port: int,
         jwks: Callable[[], dict[str, Any]] | None,
         routes: Callable[[web.UrlDispatcher], None] | None = None,
+        metrics: Callable[[], bytes] | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -33,6 +34,18 @@ class SideHttp:
             return web.Response(text="ok")
 
         self._app.router.add_get("/healthz", healthz)
+        if metrics is not None:
+            render = metrics
+
+            async def serve_metrics(_request: web.Request) -> web.Response:
+                return web.Response(
+                    body=render(),
+                    content_type="text/plain",
+                    charset="utf-8",
+                    headers={"X-Content-Type-Options": "nosniff"},
+                )
+
+            self._app.router.add_get("/metrics", serve_metrics)
         if routes is not None:  # e.g. signed local file URLs; aiohttp freezes routes on start
             routes(self._app.router)
         self._runner = web.AppRunner(self._app, access_log=None)

@@ -34,6 +34,7 @@ from threadline_server.errors import (
     Unauthenticated,
     Unavailable,
 )
+from threadline_server.observability import Metrics
 from threadline_server.realtime.broker import LocalBroker
 from threadline_server.realtime.session import Close, EventBytes, StreamSession
 from threadline_server.realtime.typing import TypingTracker
@@ -66,6 +67,7 @@ class FrameDispatcher:
         messaging: Messaging,
         typing: TypingTracker,
         limiter: RateLimiter,
+        metrics: Metrics | None = None,
     ) -> None:
         self.auth = auth
         self.store = store
@@ -73,6 +75,7 @@ class FrameDispatcher:
         self.messaging = messaging
         self.typing = typing
         self.limiter = limiter
+        self.metrics = metrics
 
     async def handle(
         self, principal: Principal, session: StreamSession | None, frame: rt.ClientFrame
@@ -130,7 +133,7 @@ class FrameDispatcher:
                 field_prefix="send_message.",
             )
         except DomainError as exc:
-            return _rejected(m.client_op_id, exc)
+            return self._rejected(m.client_op_id, exc)
         return rt.OperationResult(
             client_op_id=m.client_op_id,
             confirmed=codec.snapshot(outcome.message),
@@ -234,7 +237,14 @@ class FrameDispatcher:
                 ),
             )
         except DomainError as exc:
-            return _rejected(op.client_op_id, exc)
+            return self._rejected(op.client_op_id, exc)
+
+    def _rejected(self, op_id: str, exc: DomainError) -> rt.OperationResult:
+        if self.metrics is not None:
+            self.metrics.errors.labels(exc.code).inc()
+            if isinstance(exc, RateLimited):
+                self.metrics.rate_limited.inc()
+        return rt.OperationResult(client_op_id=op_id, rejected=to_status(exc))
 
 
 def _thread_field(t: Any, path: str) -> Any:
@@ -247,10 +257,6 @@ def _thread_field(t: Any, path: str) -> Any:
 
 def _confirmed(op_id: str, snapshot: Any) -> rt.OperationResult:
     return rt.OperationResult(client_op_id=op_id, confirmed=snapshot)
-
-
-def _rejected(op_id: str, exc: DomainError) -> rt.OperationResult:
-    return rt.OperationResult(client_op_id=op_id, rejected=to_status(exc))
 
 
 class RealtimeServicer:
@@ -376,6 +382,11 @@ class RealtimeServicer:
                 yield item
             closing = session.closing
             if closing is not None and closing.error is not None:
+                metrics = self.dispatcher.metrics
+                if metrics is not None:
+                    metrics.errors.labels(closing.error.code).inc()
+                    if isinstance(closing.error, _SlowConsumer):
+                        metrics.slow_consumers.inc()
                 await context.abort_with_status(rpc_status.to_status(to_status(closing.error)))
         finally:
             self.broker.unsubscribe(session)

@@ -25,6 +25,7 @@ from threadline_server.domain.ports import Broker, Store
 from threadline_server.domain.threads import Threads
 from threadline_server.domain.uploads import Uploads
 from threadline_server.domain.validation import Violations
+from threadline_server.observability import Metrics
 from threadline_server.transport import codec
 from threadline_server.transport.guard import Authenticator, guarded
 
@@ -36,6 +37,8 @@ PREFERENCE_FIELDS = ("theme", "locale", "time_zone", "notifications_enabled")
 
 @guarded
 class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
+    metrics: Metrics | None = None  # set by app.py; the guard counts errors by code
+
     def __init__(self, auth: Authenticator, threads: Threads) -> None:
         self.auth = auth
         self.threads = threads
@@ -159,6 +162,8 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
 
 @guarded
 class UserServicer(user_service_pb2_grpc.UserServiceServicer):
+    metrics: Metrics | None = None  # set by app.py; the guard counts errors by code
+
     def __init__(self, auth: Authenticator, store: Store, broker: Broker) -> None:
         self.auth = auth
         self.store = store
@@ -202,6 +207,8 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
 
 @guarded
 class UploadServicer(upload_service_pb2_grpc.UploadServiceServicer):
+    metrics: Metrics | None = None  # set by app.py; the guard counts errors by code
+
     def __init__(self, auth: Authenticator, uploads: Uploads) -> None:
         self.auth = auth
         self.uploads = uploads

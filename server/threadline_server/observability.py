@@ -1,0 +1,91 @@
+"""Prometheus metrics (one registry per server) and logging set-up (text or JSON lines)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    """The server's metrics. One instance per ThreadlineServer (its own registry), so two servers
+    in one process (tests, multi-node trials) never mix figures."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.streams = Gauge("threadline_streams", "Live realtime streams.", registry=r)
+        self.users_online = Gauge(
+            "threadline_users_online", "Users with at least one live stream.", registry=r
+        )
+        self.messages_in = Counter(
+            "threadline_messages_submitted", "Sends handed to the group committer.", registry=r
+        )
+        self.deliveries = Counter(
+            "threadline_event_deliveries", "Events queued to live streams.", registry=r
+        )
+        self.frames_out = Counter(
+            "threadline_frames_sent", "Frames written to streams.", ["kind"], registry=r
+        )
+        self.commit_batch = Histogram(
+            "threadline_commit_batch_size",
+            "Messages per group-commit transaction.",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 256),
+            registry=r,
+        )
+        self.fanout_seconds = Histogram(
+            "threadline_fanout_seconds",
+            "Commit to queued-for-every-stream latency.",
+            buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1),
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "threadline_rate_limited", "Operations refused by the rate limit.", registry=r
+        )
+        self.slow_consumers = Counter(
+            "threadline_slow_consumers", "Streams closed for falling behind.", registry=r
+        )
+        self.errors = Counter(
+            "threadline_errors", "Error statuses returned, by code.", ["code"], registry=r
+        )
+        self.slow_queries = Counter(
+            "threadline_slow_queries",
+            "Statements slower than the slow-query threshold.",
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with any `extra` fields (request ids, users) carried along."""
+
+    _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update({k: v for k, v in record.__dict__.items() if k not in self._STANDARD})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

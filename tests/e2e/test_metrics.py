@@ -1,0 +1,48 @@
+"""Operators see the server's state on /metrics (Prometheus text format) on the side listener."""
+
+from __future__ import annotations
+
+import grpc
+import httpx
+
+from tests.e2e.test_realtime_delivery import create_thread
+from tests.support.raw_stream import RawStream
+from threadline.v1 import thread_service_pb2 as ts
+from threadline.v1 import thread_service_pb2_grpc as tsg
+
+
+def sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not exported")
+
+
+async def test_metrics_count_streams_messages_and_errors(server, channel, token):
+    assert server.endpoints is not None
+    url = f"http://127.0.0.1:{server.endpoints.http_port}/metrics"
+    thread = await create_thread(channel, token("alice"), "bob")
+    alice, bob = RawStream(channel, token("alice")), RawStream(channel, token("bob"))
+    await alice.hello()
+    await bob.hello()
+    for i in range(3):
+        await alice.send_message(thread, f"m{i}", f"op-{i}")
+    await alice.send_message(thread, "", "bad")  # INVALID_ARGUMENT
+    try:
+        await tsg.ThreadServiceStub(channel).GetThread(
+            ts.GetThreadRequest(thread_id="missing"),
+            metadata=(("authorization", f"Bearer {token('alice')}"),),
+        )
+    except grpc.aio.AioRpcError:
+        pass
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(url)).text
+    assert sample(text, "threadline_streams") == 2
+    assert sample(text, "threadline_users_online") == 2
+    assert sample(text, "threadline_messages_submitted_total") == 3
+    assert sample(text, "threadline_event_deliveries_total") == 6  # 3 messages x 2 streams
+    assert 'threadline_errors_total{code="INVALID_ARGUMENT"} 1.0' in text
+    assert 'threadline_errors_total{code="NOT_FOUND"} 1.0' in text
+    assert "threadline_fanout_seconds_bucket" in text
+    alice.cancel()
+    bob.cancel()
