@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import httpx
+import pytest
 
 from tests.e2e.test_realtime_delivery import create_thread
 from tests.support.raw_stream import RawStream
@@ -13,7 +14,7 @@ from threadline.v1 import thread_service_pb2_grpc as tsg
 
 def sample(text: str, name: str) -> float:
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith((name + " ", name + "{")):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not exported")
 
@@ -28,13 +29,11 @@ async def test_metrics_count_streams_messages_and_errors(server, channel, token)
     for i in range(3):
         await alice.send_message(thread, f"m{i}", f"op-{i}")
     await alice.send_message(thread, "", "bad")  # INVALID_ARGUMENT
-    try:
+    with pytest.raises(grpc.aio.AioRpcError):  # NOT_FOUND
         await tsg.ThreadServiceStub(channel).GetThread(
             ts.GetThreadRequest(thread_id="missing"),
             metadata=(("authorization", f"Bearer {token('alice')}"),),
         )
-    except grpc.aio.AioRpcError:
-        pass
     async with httpx.AsyncClient() as http:
         text = (await http.get(url)).text
     assert sample(text, "threadline_streams") == 2
