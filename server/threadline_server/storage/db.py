@@ -82,7 +82,7 @@ class Database:
             )
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.is_sqlite:
-            _install_sqlite_hooks(self.engine, sqlite_synchronous)
+            _install_sqlite_hooks(self.engine, sqlite_synchronous, int(query_timeout_s * 1000))
         _install_slow_query_log(self.engine, slow_query_s, on_slow_query)
 
     async def check_durability(self) -> None:
@@ -147,7 +147,7 @@ async def _mapped_errors() -> AsyncIterator[None]:
         raise Unavailable("BACKEND_UNAVAILABLE", "database unavailable") from exc
 
 
-def _install_sqlite_hooks(engine: AsyncEngine, synchronous: str) -> None:
+def _install_sqlite_hooks(engine: AsyncEngine, synchronous: str, busy_ms: int) -> None:
     sync_engine = engine.sync_engine
 
     @event.listens_for(sync_engine, "connect")
@@ -158,7 +158,8 @@ def _install_sqlite_hooks(engine: AsyncEngine, synchronous: str) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=5000")
+        # Waiting for another writer counts against the query timeout too.
+        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
         cursor.close()
 
     @event.listens_for(sync_engine, "begin")
