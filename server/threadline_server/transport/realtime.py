@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2
 from grpc_status import rpc_status
 
 from threadline.v1 import errors_pb2
@@ -40,7 +39,7 @@ from threadline_server.realtime.session import Close, EventBytes, StreamSession
 from threadline_server.realtime.typing import TypingTracker
 from threadline_server.transport import codec
 from threadline_server.transport.guard import Authenticator, abort
-from threadline_server.transport.status import internal_status, to_status
+from threadline_server.transport.status import duration, internal_status, to_status
 
 logger = logging.getLogger(__name__)
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -48,12 +47,6 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 _CREATE, _UPDATE, _DELETE = 1, 2, 3
 _IN_FLIGHT_PER_STREAM = 64
 _ADVISORY = ("typing", "ack")
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    out = duration_pb2.Duration()
-    out.FromNanoseconds(int(seconds * 1e9))
-    return out
 
 
 class FrameDispatcher:
@@ -470,8 +463,8 @@ class RealtimeServicer:
             welcome=rt.Welcome(
                 session_id=session.session_id,
                 epoch=epoch,
-                heartbeat_interval=_duration(s.realtime.heartbeat_interval_s),
-                idle_timeout=_duration(s.realtime.idle_timeout_s),
+                heartbeat_interval=duration(s.realtime.heartbeat_interval_s),
+                idle_timeout=duration(s.realtime.idle_timeout_s),
                 token_expire_time=codec.ts_epoch(session.principal.expires_at),
                 limits=rt.Limits(
                     max_message_bytes=s.limits.max_message_bytes,
@@ -614,7 +607,7 @@ def _error_frame(exc: DomainError, *, can_resume: bool) -> bytes:
     return codec.frame_bytes(
         rt.ServerFrame(
             error=rt.StreamError(
-                status=to_status(exc), retry_after=_duration(retry), can_resume=can_resume
+                status=to_status(exc), retry_after=duration(retry), can_resume=can_resume
             )
         )
     )

@@ -22,7 +22,7 @@ def _pack(message: object) -> any_pb2.Any:
     return out
 
 
-def _duration(seconds: float) -> duration_pb2.Duration:
+def duration(seconds: float) -> duration_pb2.Duration:
     out = duration_pb2.Duration()
     out.FromNanoseconds(int(seconds * 1e9))
     return out
@@ -87,7 +87,7 @@ def to_status(error: errors.DomainError) -> status_pb2.Status:
             )
         )
     elif isinstance(error, errors.RateLimited | errors.Unavailable):
-        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=_duration(error.retry_after))))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration(error.retry_after))))
     return status_pb2.Status(code=code_of(error).value[0], message=error.message, details=details)
 
 
