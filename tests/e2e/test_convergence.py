@@ -3,8 +3,9 @@
 Four users (alice, bob, carol, dave), each a real `ThreadlineSession`, share a few threads.
 A seeded schedule of about 100 steps has random clients issue operations optimistically:
 sends, edits and deletes of their own messages, thread title / description / tags changes
-(which the server merges three-way or answers with conflicts), archive / unarchive, read
-markers, participant removals (and, in the `full` mode, additions) and new threads. Between
+(also two users at once from the same version, which the server merges three-way or answers
+with a conflict), archive / unarchive, read markers, participant removals (and, in the `full`
+mode, additions and re-additions) and new threads. Between
 them, connections are cut at random points: a stream killed right after an operation went out
 (outcome unknown, mid-send), a stream dropped at a random moment, a session paused for a while
 (operations queue up offline). The server is stopped once mid-run and a new one is started on
@@ -21,16 +22,21 @@ At the end every client reconnects and settles (online, nothing pending), and th
   edits/deletes and for a thread's changes are exactly 2..its current version (an operation
   applied twice or lost would leave a gap or an unexplained version), the resource of the last
   one is the current state, and every confirmed thread creation made exactly one thread;
-* no operation got two outcomes.
+* no operation got two outcomes, and the only refusals were NOT_FOUND (the user had been
+  removed from the thread meanwhile).
 
 Seeds: a fixed one plus three from `random.SystemRandom`, each its own test case whose id
 carries the seed (a failure also notes it). `THREADLINE_TEST_SEED=<n>` adds a case for one
 seed, to replay a failure's schedule (timing still varies from run to run).
+
+The last test stops servers without grace in the middle of stream handshakes (the restart
+above may do the same) and checks that the database stays usable for the next server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import itertools
 import os
@@ -40,11 +46,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import pytest
 
-from tests.e2e.test_state_equivalence import Observed, assert_equivalent, fresh
+from tests.e2e.test_state_equivalence import JOIN_RACE_BUG, Observed, assert_equivalent, fresh
 from tests.support.process import free_port
-from threadline.v1 import message_pb2, thread_pb2
+from tests.support.raw_stream import RawStream
+from threadline.v1 import message_pb2, thread_pb2, thread_service_pb2
+from threadline.v1 import realtime_pb2 as rt
 from threadline_client import Backoff, ThreadlineClient
 from threadline_client.errors import (
     Cancelled,
@@ -77,19 +86,16 @@ def _seeds() -> list[int]:
     return seeds
 
 
-# Known divergences (see tests/e2e/test_state_equivalence.py): with additions of participants
-# to threads that have messages (and re-additions), clients cannot converge yet.
-MEMBERSHIP_BUGS = (
-    "joining a thread with messages: the SDK loads neither its messages nor its read state; "
-    "and THREAD_REMOVED after RemoveParticipants carries version + 1, hiding a re-add"
-)
-
+# With additions of participants, a message sent while a joined thread is being filled in
+# can be left out of the unread count (see JOIN_RACE_BUG and its deterministic reproduction in
+# tests/e2e/test_state_equivalence.py). It shows in some runs only, hence a non-strict xfail;
+# once fixed, drop the mark and run every seed in the `full` mode.
 CASES = [pytest.param(seed, "removals", id=f"seed={seed}") for seed in _seeds()] + [
     pytest.param(
         FIXED_SEED,
         "full",
         id=f"seed={FIXED_SEED}-with-additions",
-        marks=pytest.mark.xfail(strict=True, reason=MEMBERSHIP_BUGS),
+        marks=pytest.mark.xfail(strict=False, reason=JOIN_RACE_BUG),
     )
 ]
 
@@ -119,6 +125,7 @@ class Stats:
     cut_in_flight: int = 0  # streams killed with a sent, unanswered operation
     resent: int = 0  # confirmed operations that were sent more than once
     unary_retries: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)  # "kind:status"
 
 
 class Run:
@@ -160,8 +167,7 @@ class Run:
         assert self.app is not None
         for user in USERS:
             # Minted once: the signing key lives in the data dir, the issuer keeps its port.
-            jwt = self.app.mint(user, 3600)
-            self.tokens[user] = lambda jwt=jwt: jwt
+            self.tokens[user] = functools.partial(str, self.app.mint(user, 3600))
         async with ThreadlineClient(self.target, self.tokens["alice"]) as alice:
             everyone = await alice.create_thread("All hands", ["bob", "carol", "dave"])
             pair = await alice.create_thread("Pair", ["bob"])
@@ -172,16 +178,16 @@ class Run:
             session = await ThreadlineSession.connect(
                 self.target, self.tokens[user], backoff=FAST, history=HISTORY, start=False
             )
-            session.store.subscribe(lambda change, user=user: self._record(user, change))
+            session.store.subscribe(functools.partial(self._record, user))
             self.sessions[user] = session
             await session.start()
         for session in self.sessions.values():
             await session.wait_connection(ConnectionState.ONLINE)
         if self.mode == "full":
             # Make sure the run contains a join to a thread with history, and keep it.
-            alice = self.sessions["alice"]
-            sent = alice.send(pair.id, "before carol joined")
-            assert (await alice.wait_op(sent)).status is OpStatus.CONFIRMED
+            author = self.sessions["alice"]
+            sent = author.send(pair.id, "before carol joined")
+            assert (await author.wait_op(sent)).status is OpStatus.CONFIRMED
             join = Unary("alice", "add", pair.id, "carol", "add-carol-to-pair")
             await self._call(join)
             assert join.result is not None
@@ -225,7 +231,8 @@ class Run:
             ("send", 30),
             ("edit", 10),
             ("delete", 5),
-            ("update", 12),
+            ("update", 9),
+            ("concurrent_update", 4),
             ("archive", 5),
             ("mark_read", 7),
             ("remove", 3),
@@ -297,6 +304,30 @@ class Run:
             else:
                 fields["tags"] = sorted(self.rng.sample(TAGS, self.rng.randint(0, 3)))
         session.update_thread(view.id, **fields)
+        return True
+
+    async def concurrent_update(self, user: str) -> bool:
+        """Two users change the same thread from the same version at once: the server merges
+        (different description words, tags) or answers a conflict (both changed the title)."""
+        shared = [
+            (tid, other)
+            for tid in self._threads(user)
+            for other in USERS
+            if other != user and tid in self.sessions[other].state.threads.by_id
+        ]
+        if not shared:
+            return False
+        thread_id, other = self.rng.choice(sorted(shared))
+        for who in (user, other):
+            view = self.sessions[who].state.threads.by_id[thread_id]
+            words = view.description.split() or list(WORDS[:4])
+            words[self.rng.randrange(len(words))] = f"{who}{next(self.counter)}"
+            fields: dict[str, Any] = {"description": " ".join(words)}
+            if self.rng.random() < 0.5:
+                fields["title"] = f"{who} {next(self.counter)}"
+            if self.rng.random() < 0.5:
+                fields["tags"] = sorted({*view.tags, self.rng.choice(TAGS)})
+            self.sessions[who].update_thread(thread_id, **fields)
         return True
 
     async def archive(self, user: str) -> bool:
@@ -422,7 +453,7 @@ class Run:
 
     async def restart(self) -> None:
         """Stops the server, keeps issuing operations while it is down, starts a new one."""
-        await self.stop_server(self.rng.choice((0.1, 0.5)))
+        await self.stop_server(self.rng.choice((0.0, 0.3)))
         for _ in range(self.rng.randint(2, 6)):
             user = self.rng.choice(USERS)
             await (self.send if self.rng.random() < 0.6 else self.update)(user)
@@ -455,7 +486,7 @@ class Run:
 
 
 async def all_messages(client: ThreadlineClient, thread_id: str) -> list[message_pb2.Message]:
-    forward = 2  # ListMessagesRequest.DIRECTION_FORWARD
+    forward = thread_service_pb2.ListMessagesRequest.DIRECTION_FORWARD
     return [m async for m in client.iter_messages(thread_id, forward, page_size=200)]
 
 
@@ -476,6 +507,19 @@ async def check_server_truth(run: Run, views: dict[str, Observed]) -> None:
         if outcome.status is OpStatus.CONFIRMED
     }
     assert run.twice == [], f"operations answered twice: {run.twice}"
+    # The only legitimate refusal here: the user was removed from the thread meanwhile.
+    refused = [
+        f"{user} {o.op.kind}: {o.error}"
+        for user, outcomes in run.outcomes.items()
+        for o in outcomes.values()
+        if o.status is OpStatus.REJECTED and (o.error is None or o.error.code != "NOT_FOUND")
+    ]
+    refused += [
+        f"{c.user} {c.kind}: {c.error}"
+        for c in run.unary
+        if c.error is not None and c.error.code is not grpc.StatusCode.NOT_FOUND
+    ]
+    assert refused == [], refused
 
     # Every thread is visible to its creator (creators are never removed).
     threads: dict[str, thread_pb2.Thread] = {}
@@ -547,11 +591,16 @@ async def check_server_truth(run: Run, views: dict[str, Observed]) -> None:
         versions = sorted(r.version for r in thread_changes.get(thread_id, ()))
         assert versions == list(range(2, t.version + 1)), f"thread {thread_id}: {versions}"
         if versions:
-            last = max(thread_changes[thread_id], key=lambda r: r.version)
+            newest = max(thread_changes[thread_id], key=lambda r: r.version)
             fields = ("title", "description", "tags", "archived", "participant_ids")
-            assert [getattr(last, f) for f in fields] == [getattr(t, f) for f in fields]
+            assert [getattr(newest, f) for f in fields] == [getattr(t, f) for f in fields]
 
     run.stats.resent = sum(1 for o in confirmed.values() if o.op.attempts > 1)
+    run.stats.outcomes.update(
+        f"{o.op.kind}:{o.status}" + (f":{o.error.code}" if o.error is not None else "")
+        for outcomes in run.outcomes.values()
+        for o in outcomes.values()
+    )
 
 
 @pytest.mark.parametrize(("seed", "mode"), CASES)
@@ -560,13 +609,13 @@ async def test_random_run_converges(
 ) -> None:
     """Random optimistic operations + cut connections + one server restart converge exactly.
 
-    `removals`: participant changes are removals only. `full` (fixed seed) also adds
-    participants, starting with carol joining a thread that has a message (kept to the end),
-    which hits the known membership divergences.
+    `removals`: participant changes are removals (and new threads with participants). `full`
+    also adds participants, starting with carol joining a thread that has a message (kept to
+    the end), then re-adds removed ones at random.
     """
     settings = settings_factory(
         server={"port": free_port(), "http_port": free_port()},
-        limits={"operations_per_minute": 1_000_000},
+        limits={"operations_per_minute": 0},  # no rate limit
     )
     run = Run(seed, mode, settings)
     try:
@@ -578,9 +627,51 @@ async def test_random_run_converges(
         # The chaos really happened (else this proves little).
         assert run.stats.steps["restart"] == 1
         assert run.stats.cut_in_flight >= 2, run.stats
+        print(f"seed={seed} mode={mode} {run.stats}")  # shown with -rP or -s
     except BaseException as exc:
         exc.add_note(f"seed={seed} mode={mode} stats={run.stats}")
         raise
     finally:
         await run.close()
         gc.collect()  # anything the run leaked must warn here, not in some later test
+
+
+async def test_a_server_stopped_mid_handshake_leaves_its_database_usable(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    """Stopping a server without grace while eight streams are saying Hello (resuming: the
+    user upsert writes, replay reads), then starting a new one on the same port and data, thirty
+    times: every new server starts, so no cancelled handler left a connection holding the
+    SQLite write lock. (A regression test; it caught the bug in about half of its runs.)"""
+    settings = settings_factory(
+        server={"port": free_port(), "http_port": free_port()},
+        database={"query_timeout_s": 1.0},
+    )
+    target = f"127.0.0.1:{settings.server.port}"
+    app = ThreadlineServer(settings)
+    await app.start()
+    running = True
+    jwt = app.mint("bob", 3600)
+    rng = random.Random(2)
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            first = RawStream(channel, jwt)
+            epoch = (await first.hello()).epoch
+            first.cancel()
+            for _ in range(30):
+                streams = [RawStream(channel, jwt) for _ in range(8)]
+                for stream in streams:
+                    hello = rt.Hello(sync_state=rt.SyncState(epoch=epoch, change_seq=0))
+                    stream.send(rt.ClientFrame(hello=hello))
+                await asyncio.sleep(rng.random() * 0.01)
+                await app.stop(grace=0)
+                running = False
+                for stream in streams:
+                    stream.cancel()
+                app = ThreadlineServer(settings)
+                await app.start()
+                running = True
+    finally:
+        if running:
+            await app.stop(grace=0.5)
+        gc.collect()  # a leaked connection must warn here, not in some later test
