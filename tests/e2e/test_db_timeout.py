@@ -9,12 +9,12 @@ import asyncpg
 import grpc
 import pytest
 from sqlalchemy.engine import make_url
-from threadline.v1 import thread_service_pb2 as ts
-from threadline.v1 import thread_service_pb2_grpc as tsg
 
 from tests.conftest import bearer
 from tests.e2e.test_realtime_delivery import create_thread
 from tests.support.rpc import details
+from threadline.v1 import thread_service_pb2 as ts
+from threadline.v1 import thread_service_pb2_grpc as tsg
 from threadline_server.app import ThreadlineServer
 
 

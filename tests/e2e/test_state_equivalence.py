@@ -21,7 +21,7 @@ the same), and it must have stayed on the same stream (live) or resumed by repla
 a snapshot reload would make the comparison trivially true, so it fails the case.
 
 The tests at the end pin membership changes on the wire and in the SDK in isolation, and one
-known divergence (a strict xfail: an unread message lost while a joined thread loads).
+race of a message sent while a joined thread loads (once a bug, now fixed).
 """
 
 from __future__ import annotations
@@ -437,12 +437,6 @@ async def read_then_send(w: World) -> None:
 APPEARS = frozenset({T_CREATED, T_UPDATED})
 
 # A known divergence (a minimal reproduction is at the end of this module).
-JOIN_RACE_BUG = (
-    "ThreadlineSession._load_joined / ClientStore.apply_joined: the unread count of a joined "
-    "thread is overwritten with GetThread's count, so a message committed after GetThread was "
-    "read (and listed by the ListMessages that follows, or applied from its event before the "
-    "fill-in lands) is never counted: one unread too few"
-)
 
 
 def _set(*kinds: str | frozenset[str]) -> tuple[frozenset[str], ...]:
@@ -640,7 +634,6 @@ async def test_joining_a_thread_with_messages_shows_them_and_their_unread_count(
             await session.close()
 
 
-@pytest.mark.xfail(strict=True, reason=JOIN_RACE_BUG)
 async def test_a_message_sent_while_a_joined_thread_loads_counts_as_unread(
     target: str, token: Callable[..., str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

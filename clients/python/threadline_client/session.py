@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import logging
 import time
 from collections import OrderedDict
@@ -694,17 +695,27 @@ class ThreadlineSession:
                 self._spawn(self._load_joined(event.thread.id))
 
     async def _load_joined(self, thread_id: str) -> None:
-        try:
-            summary = await self.client.get_thread(thread_id)
-            page = await self.client.list_messages(
-                thread_id,
-                thread_service_pb2.ListMessagesRequest.DIRECTION_BACKWARD,
-                page_size=self.history,
-            )
-        except ThreadlineError as exc:  # removed again meanwhile, or offline: a reload covers it
-            logger.info("could not load joined thread %s: %s", thread_id, exc.code)
+        # A resume will not replay the THREAD_CREATED again, so a fill-in cut off by a lost
+        # connection or a restarting server is retried until it lands or the thread is gone.
+        backoff = Backoff(initial=0.2, maximum=5.0)
+        for attempt in itertools.count():
+            if thread_id not in self.state.threads.by_id:
+                return
+            try:
+                summary = await self.client.get_thread(thread_id)
+                page = await self.client.list_messages(
+                    thread_id,
+                    thread_service_pb2.ListMessagesRequest.DIRECTION_BACKWARD,
+                    page_size=self.history,
+                )
+            except ThreadlineError as exc:
+                if not exc.retryable:  # removed again meanwhile: its THREAD_REMOVED covers it
+                    logger.info("joined thread %s not loaded: %s", thread_id, exc.code)
+                    return
+                await asyncio.sleep(backoff.delay(attempt, retry_after=exc.retry_after))
+                continue
+            self.store.apply_joined(summary, page.messages)
             return
-        self.store.apply_joined(summary, page.messages)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -103,7 +103,11 @@ class Database:
         """A read-only transaction (a consistent snapshot on both dialects)."""
         async with _mapped_errors(), self.engine.connect() as conn, conn.begin():
             if not self.is_sqlite:
-                await conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+                # One snapshot for every statement of the read (a summary's last_seq and its
+                # unread count must agree), not READ COMMITTED's snapshot per statement.
+                await conn.exec_driver_sql(
+                    "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+                )
             yield conn
 
     @asynccontextmanager

@@ -155,9 +155,6 @@ class _ServerReducer(_StoreCore):
         delta = _Delta()
         if view.server.version <= t.version:
             view.server = _copy_thread(t)
-        view.server_read_seq = max(view.server_read_seq, summary.read_seq)
-        view.server_unread = summary.unread_count
-        view.last_seq = max(view.last_seq, t.last_seq)
         newest = summary.last_message if summary.HasField("last_message") else None
         if newest is not None and (
             view.last_message is None or newest.seq >= view.last_message.seq
@@ -165,6 +162,20 @@ class _ServerReducer(_StoreCore):
             view.last_message = _copy_message(newest)
         for m in messages:
             self._upsert_message(m, delta, count_unread=False)
+        view.last_seq = max(view.last_seq, t.last_seq)
+        if view.server_read_seq <= summary.read_seq:
+            # The summary counted what existed when it was read (up to its last_seq). Messages
+            # committed after that are already here (from live events, or from the history
+            # page, whose events will then be dropped as duplicates) and count on top of it.
+            view.server_read_seq = summary.read_seq
+            later = [
+                local.server
+                for local in self.state.messages.by_thread.get(t.id, [])
+                if local.server is not None and local.server.seq > t.last_seq
+            ]
+            view.server_unread = summary.unread_count + sum(
+                1 for m in later if self._counts_unread(view, m)
+            )
         self._recompute_thread(view)
         delta.threads.add(t.id)
         self._commit(delta, ChangeKind.SNAPSHOT)
