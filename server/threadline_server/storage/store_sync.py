@@ -1,0 +1,64 @@
+"""Sync in the SQL store: resume points, change-log replay, stored op results, pruning."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import select
+
+from threadline_server.domain.models import Event, Message, Thread
+from threadline_server.domain.ports import StoredOp
+from threadline_server.storage.history import message_at, prune, replay, stored_ops, thread_at
+from threadline_server.storage.store_base import _now, runs_to_completion
+from threadline_server.storage.store_messages import MessageStore
+from threadline_server.storage.tables import server_state
+
+
+class SyncStore(MessageStore):
+    """Resuming and replaying the change log."""
+
+    # ---- sync -----------------------------------------------------------------------------
+
+    async def resume_point(self) -> tuple[str, int, int]:
+        """(epoch, current change cursor, highest pruned cursor)."""
+        async with self._db.read() as conn:
+            row = (await conn.execute(select(server_state).where(server_state.c.id == 1))).one()
+        return str(row.epoch), int(row.change_seq), int(row.pruned_through)
+
+    async def replay(
+        self, user_id: str, after: int, upto: int, limit: int
+    ) -> tuple[list[Event], int | None]:
+        async with self._db.read() as conn:
+            return await replay(conn, user_id, after, upto, limit)
+
+    async def stored_results(
+        self, user_id: str, op_ids: Sequence[str]
+    ) -> list[tuple[str, StoredOp, Message | Thread | None]]:
+        """Original outcomes of operations the client is unsure about (SyncState.pending)."""
+        async with self._db.read() as conn:
+            out: list[tuple[str, StoredOp, Message | Thread | None]] = []
+            for row in await stored_ops(conn, user_id, op_ids):
+                op = StoredOp(
+                    row.resource_kind, row.resource_id, row.change_seq, row.result_version
+                )
+                resource: Message | Thread | None
+                if op.resource_kind == "message":
+                    resource = await message_at(conn, op.resource_id, op.result_version or 1)
+                else:
+                    resource = await thread_at(conn, op.resource_id, op.result_version)
+                out.append((row.client_op_id, op, resource))
+            return out
+
+    @runs_to_completion
+    async def prune(self, retention_s: int, idempotency_window_s: int) -> tuple[int, int]:
+        async with self._db.write() as tx:
+            return await prune(tx.conn, _now(), retention_s, idempotency_window_s)
+
+    async def current_change_seq(self) -> tuple[str, int]:
+        async with self._db.read() as conn:
+            row = (await conn.execute(select(server_state).where(server_state.c.id == 1))).one()
+        return str(row.epoch), int(row.change_seq)
+
+    async def thread_members(self, thread_id: str) -> set[str]:
+        async with self._db.read() as conn:
+            return (await self._members(conn, [thread_id]))[thread_id]
