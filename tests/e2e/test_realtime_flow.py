@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 import grpc
 import pytest
@@ -50,7 +51,7 @@ async def test_slow_consumer_gets_resync_required_and_never_blocks_others(tuned)
         outbox.put_nowait(rs.ConnectRequest(frame=rt.ClientFrame(hello=rt.Hello())))
         alice = RawStream(channel, app.mint("alice", 600))
         await alice.hello()
-        big = "x" * 90_000
+        big = secrets.token_hex(45_000)  # 90 KB that gzip cannot shrink, to fill the windows
         for i in range(150):  # ~13 MB: more than HTTP/2 windows and bob's queue can hold
             result = await asyncio.wait_for(alice.send_message(thread_id, big, f"op-{i}"), 5)
             assert result.WhichOneof("outcome") == "confirmed"  # alice is never held up by bob

@@ -286,7 +286,8 @@ class RealtimeServicer:
         except Exception as exc:  # the boundary
             await abort(context, exc)
             return
-        async for item in self._serve(context, principal, first, request_iterator):
+        frames = self._serve(context, principal, first, request_iterator)
+        async for item in self._compressed(context, frames):
             yield item
 
     async def Subscribe(self, request: rs.SubscribeRequest, context: Ctx) -> AsyncIterator[bytes]:
@@ -298,7 +299,7 @@ class RealtimeServicer:
             await abort(context, exc)
             return
         first = rt.ClientFrame(hello=request.hello)
-        async for item in self._serve(context, principal, first, None):
+        async for item in self._compressed(context, self._serve(context, principal, first, None)):
             yield item
 
     async def Submit(self, request: rs.SubmitRequest, context: Ctx) -> rs.SubmitResponse:
@@ -319,6 +320,17 @@ class RealtimeServicer:
             raise AssertionError("unreachable") from exc
 
     # ---- the shared session machinery ---------------------------------------------------
+
+    async def _compressed(self, context: Ctx, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """gzip per message from the threshold up (replay pages, long texts, busy batches);
+        smaller frames go as they are, where gzip costs CPU and saves nothing. A client that did
+        not advertise gzip gets identity: gRPC compresses only for peers that accept it."""
+        threshold = self.settings.limits.compression_threshold_bytes
+        context.set_compression(grpc.Compression.Gzip)  # before the first frame's headers
+        async for item in frames:
+            if len(item) < threshold:
+                context.disable_next_message_compression()
+            yield item
 
     async def _first_frame(self, requests: AsyncIterator[rs.ConnectRequest]) -> rt.ClientFrame:
         timeout = self.settings.realtime.hello_timeout_s
