@@ -578,6 +578,7 @@ class ThreadlineSession:
                         await self._reload(complete, welcome)
                         if buffered:
                             self.store.apply_events(buffered)
+                            self._fill_joined(buffered)
                             buffered.clear()
                     caught_up = True
                     online_at = time.monotonic()

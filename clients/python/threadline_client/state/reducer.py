@@ -164,18 +164,25 @@ class _ServerReducer(_StoreCore):
             self._upsert_message(m, delta, count_unread=False)
         view.last_seq = max(view.last_seq, t.last_seq)
         if view.server_read_seq <= summary.read_seq:
-            # The summary counted what existed when it was read (up to its last_seq). Messages
-            # committed after that are already here (from live events, or from the history
-            # page, whose events will then be dropped as duplicates) and count on top of it.
             view.server_read_seq = summary.read_seq
-            later = [
+            held = [
                 local.server
                 for local in self.state.messages.by_thread.get(t.id, [])
-                if local.server is not None and local.server.seq > t.last_seq
+                if local.server is not None
             ]
-            view.server_unread = summary.unread_count + sum(
-                1 for m in later if self._counts_unread(view, m)
-            )
+            seqs = {m.seq for m in held}
+            if all(seq in seqs for seq in range(summary.read_seq + 1, t.last_seq + 1)):
+                # Every message after the marker is here, as it is now (deleted ones as
+                # tombstones): count them directly. The summary and the page come from two
+                # reads, so a delete between them would otherwise be counted once too often.
+                view.server_unread = sum(1 for m in held if self._counts_unread(view, m))
+            else:
+                # Only part of the unread range was loaded: the summary counted what existed up
+                # to its last_seq; later messages are here (from live events, or from the page,
+                # whose events are then dropped as duplicates) and count on top of it.
+                view.server_unread = summary.unread_count + sum(
+                    1 for m in held if m.seq > t.last_seq and self._counts_unread(view, m)
+                )
         self._recompute_thread(view)
         delta.threads.add(t.id)
         self._commit(delta, ChangeKind.SNAPSHOT)
