@@ -156,9 +156,11 @@ class _ServerReducer(_StoreCore):
         if view.server.version <= t.version:
             view.server = _copy_thread(t)
         newest = summary.last_message if summary.HasField("last_message") else None
+        current = view.last_message
         if newest is not None and (
-            view.last_message is None or newest.seq >= view.last_message.seq
+            current is None or (newest.seq, newest.version) > (current.seq, current.version)
         ):
+            # A live edit may already have given us a newer version of the same message.
             view.last_message = _copy_message(newest)
         for m in messages:
             self._upsert_message(m, delta, count_unread=False)
