@@ -25,7 +25,7 @@ from threadline.v1 import (
 from threadline_server.auth import EmbeddedIssuer, TokenVerifier
 from threadline_server.blobs import create_blob_store
 from threadline_server.blobs.local import LocalBlobStore
-from threadline_server.config import Settings
+from threadline_server.config import CacheEntry, Settings
 from threadline_server.domain.limits import RateLimiter
 from threadline_server.domain.messages import GroupCommitter, Messaging
 from threadline_server.domain.threads import Threads
@@ -33,6 +33,7 @@ from threadline_server.domain.uploads import BlobStore, SweepResult, Uploads
 from threadline_server.observability import Metrics
 from threadline_server.realtime.broker import LocalBroker
 from threadline_server.realtime.typing import TypingTracker
+from threadline_server.storage.cache import CachePolicy, ReadCaches
 from threadline_server.storage.db import Database, ensure_server_state, migrate
 from threadline_server.storage.store import SqlStore
 from threadline_server.storage.uploads import SqlUploadStore
@@ -66,6 +67,10 @@ class Endpoints:
     issuer: str
 
 
+def _policy(entry: CacheEntry) -> CachePolicy:
+    return CachePolicy(entry.max_size, entry.ttl_s, entry.update_on_read)
+
+
 def embedded_issuer_url(settings: Settings, http_port: int) -> str:
     return settings.auth.issuer or f"http://{settings.server.host}:{http_port}"
 
@@ -89,7 +94,14 @@ class ThreadlineServer:
         self.broker = LocalBroker(
             codec.encode_event, settings.realtime.max_connections_per_user, self.metrics
         )
-        self.store = SqlStore(self.db, self.broker.publish)
+        caches = settings.caches
+        self.store = SqlStore(
+            self.db,
+            self.broker.publish,
+            ReadCaches(
+                _policy(caches.messages), _policy(caches.threads), self.metrics.cache_lookup
+            ),
+        )
         self.committer = GroupCommitter(
             self.store, settings.database.group_commit_max, self._observe_batch
         )
@@ -133,7 +145,11 @@ class ThreadlineServer:
         await self.verifier.start()
 
         auth = Authenticator(
-            self.verifier, self.store.upsert_user, s.caches.users.max_size, s.caches.users.ttl_s
+            self.verifier,
+            self.store.upsert_user,
+            s.caches.users.max_size,
+            s.caches.users.ttl_s,
+            self.metrics.cache_lookup,
         )
         threads = Threads(self.store, s.limits)
         messaging = Messaging(self.committer, self.store, self.uploads, s.limits)

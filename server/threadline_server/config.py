@@ -191,10 +191,12 @@ class StorageSettings(BaseModel):
 
 
 class CacheEntry(BaseModel):
-    """One cache's size and lifetime."""
+    """One cache's size and lifetime (max_size 0 disables it); `update_on_read` lets read misses
+    fill it, otherwise only committed writes do."""
 
-    max_size: int
-    ttl_s: float
+    max_size: int = Field(ge=0)
+    ttl_s: float = Field(ge=0)
+    update_on_read: bool = True
 
 
 class CacheSettings(BaseModel):
@@ -202,11 +204,11 @@ class CacheSettings(BaseModel):
 
     messages: CacheEntry = Field(
         default_factory=lambda: CacheEntry(max_size=1000, ttl_s=300),
-        description="Recently read messages.",
+        description="Newest version of recently written or replayed messages.",
     )
     threads: CacheEntry = Field(
         default_factory=lambda: CacheEntry(max_size=100, ttl_s=900),
-        description="Thread participant lists.",
+        description="Thread participant lists (history and typing access checks).",
     )
     users: CacheEntry = Field(
         default_factory=lambda: CacheEntry(max_size=500, ttl_s=1800),

@@ -57,6 +57,23 @@ class Metrics:
             registry=r,
         )
 
+        self.cache_lookups = Counter(
+            "threadline_cache_lookups",
+            "Cache lookups by cache and result (hit, miss).",
+            ["cache", "result"],
+            registry=r,
+        )
+        self.cache_hit_ratio = Gauge(
+            "threadline_cache_hit_ratio", "Hits over lookups since start.", ["cache"], registry=r
+        )
+        self._lookups: dict[str, list[int]] = {}
+
+    def cache_lookup(self, cache: str, hit: bool) -> None:
+        self.cache_lookups.labels(cache, "hit" if hit else "miss").inc()
+        counts = self._lookups.setdefault(cache, [0, 0])
+        counts[0 if hit else 1] += 1
+        self.cache_hit_ratio.labels(cache).set(counts[0] / (counts[0] + counts[1]))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

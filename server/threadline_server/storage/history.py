@@ -13,6 +13,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from threadline_server.domain.models import Event, EventKind, Message, ReadMarker, Thread
+from threadline_server.storage.cache import MessageCache
 from threadline_server.storage.rows import aware, message_from_row, thread_from_row
 from threadline_server.storage.tables import (
     changes,
@@ -67,8 +68,15 @@ async def save_thread_revision(
     )
 
 
-async def message_at(conn: AsyncConnection, message_id: str, version: int) -> Message | None:
-    """The message as it was at `version` (None if unknown or pruned)."""
+async def message_at(
+    conn: AsyncConnection, message_id: str, version: int, cache: MessageCache | None = None
+) -> Message | None:
+    """The message as it was at `version` (None if unknown or pruned). With a cache, the
+    current version is served from and remembered in it."""
+    if cache is not None and version > 0:
+        hit = cache.get(message_id, version)
+        if hit is not None:
+            return hit
     row = (await conn.execute(select(messages).where(messages.c.id == message_id))).first()
     if row is None:
         return None
@@ -76,6 +84,8 @@ async def message_at(conn: AsyncConnection, message_id: str, version: int) -> Me
     files = (await attachments_for(conn, [message_id])).get(message_id, ())
     current = replace(current, attachments=files)
     if version in (0, current.version):
+        if cache is not None:
+            cache.fill(current)
         return current
     rev = (
         await conn.execute(
@@ -148,7 +158,12 @@ async def thread_at(
 
 
 async def replay(
-    conn: AsyncConnection, user_id: str, after: int, upto: int, limit: int
+    conn: AsyncConnection,
+    user_id: str,
+    after: int,
+    upto: int,
+    limit: int,
+    cache: MessageCache | None = None,
 ) -> tuple[list[Event], int | None]:
     """The user's changes in (after, upto], oldest first, each with its payload as it was then.
 
@@ -179,7 +194,7 @@ async def replay(
         assert created is not None
         payload: Message | Thread | ReadMarker | None = None
         if r.kind in _MESSAGE_KINDS:
-            payload = await message_at(conn, r.resource_id, r.version)
+            payload = await message_at(conn, r.resource_id, r.version, cache)
             if payload is None:
                 continue
         elif r.kind in _THREAD_KINDS:

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from threadline_server.domain.models import Event, EventKind, Message, Thread
 from threadline_server.domain.ports import OpKey, StoredOp
 from threadline_server.errors import IdempotencyKeyReused, NotFound
+from threadline_server.storage.cache import ReadCaches
 from threadline_server.storage.db import Database, WriteTx
 from threadline_server.storage.tables import (
     changes,
@@ -41,9 +42,10 @@ def _now() -> datetime:
 class StoreBase:
     """State, the drain and the write helpers every aggregate of SqlStore builds on."""
 
-    def __init__(self, db: Database, publish: Publish) -> None:
+    def __init__(self, db: Database, publish: Publish, caches: ReadCaches | None = None) -> None:
         self._db = db
         self._publish = publish
+        self.caches = caches if caches is not None else ReadCaches.disabled()
         self._inflight: set[asyncio.Future[Any]] = set()
 
     async def drain(self) -> None:
@@ -126,7 +128,34 @@ class StoreBase:
 
     def _publish_after(self, tx: WriteTx, events: list[Event]) -> None:
         if events:
-            tx.after_commit(lambda: self._publish(events))
+            tx.after_commit(lambda: self._committed(events))
+
+    def _committed(self, events: list[Event]) -> None:
+        # Caches first: a stream told of the change may read right away.
+        self.caches.apply(events)
+        self._publish(events)
+
+    async def _require_member(self, conn: AsyncConnection, user_id: str, thread_id: str) -> None:
+        """NotFound unless `user_id` participates (threads without members do not exist)."""
+        if user_id not in await self._cached_members(thread_id, conn):
+            raise NotFound("thread", thread_id)
+
+    async def _cached_members(
+        self, thread_id: str, conn: AsyncConnection | None = None
+    ) -> frozenset[str]:
+        """A thread's members from the cache, or read (in `conn`, else a new read) and cached."""
+        cache = self.caches.memberships
+        members = cache.get(thread_id)
+        if members is None:
+            generation = cache.generation  # before the read: see MembershipCache.fill
+            if conn is None:
+                async with self._db.read() as own:
+                    found = await self._members(own, [thread_id])
+            else:
+                found = await self._members(conn, [thread_id])
+            members = frozenset(found[thread_id])
+            cache.fill(thread_id, members, generation)
+        return members
 
     async def _members(
         self, conn: AsyncConnection, thread_ids: Iterable[str]

@@ -53,7 +53,7 @@ class MessageStore(ThreadStore):
                 stmt = stmt.where(messages.c.seq < start_seq)
             stmt = stmt.order_by(messages.c.seq.desc())
         async with self._db.read() as conn:
-            await self._thread_for_member(conn, user_id, thread_id)
+            await self._require_member(conn, user_id, thread_id)
             rows = list((await conn.execute(stmt)).all())
             page = [message_from_row(r) for r in rows[:limit]]
             files = await attachments_for(conn, [m.id for m in page])

@@ -29,7 +29,7 @@ class SyncStore(MessageStore):
         self, user_id: str, after: int, upto: int, limit: int
     ) -> tuple[list[Event], int | None]:
         async with self._db.read() as conn:
-            return await replay(conn, user_id, after, upto, limit)
+            return await replay(conn, user_id, after, upto, limit, self.caches.messages)
 
     async def stored_results(
         self, user_id: str, op_ids: Sequence[str]
@@ -59,6 +59,5 @@ class SyncStore(MessageStore):
             row = (await conn.execute(select(server_state).where(server_state.c.id == 1))).one()
         return str(row.epoch), int(row.change_seq)
 
-    async def thread_members(self, thread_id: str) -> set[str]:
-        async with self._db.read() as conn:
-            return (await self._members(conn, [thread_id]))[thread_id]
+    async def thread_members(self, thread_id: str) -> frozenset[str]:
+        return await self._cached_members(thread_id)

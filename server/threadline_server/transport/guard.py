@@ -32,10 +32,16 @@ class Authenticator:
         upsert_user: Callable[[Principal], Awaitable[None]],
         cache_size: int,
         cache_ttl_s: float,
+        on_lookup: Callable[[str, bool], None] = lambda _name, _hit: None,
     ) -> None:
         self.verifier = verifier
         self._upsert = upsert_user
-        self._seen: TTLCache[tuple[str, str, str, str], bool] = TTLCache(cache_size, cache_ttl_s)
+        self._on_lookup = on_lookup
+        # The users cache: claims already written. Keyed by every claim stored, so a changed name
+        # or avatar misses and is written; nothing else writes a user's profile.
+        self._seen: TTLCache[tuple[str, str, str, str], bool] | None = (
+            TTLCache(cache_size, cache_ttl_s) if cache_size > 0 and cache_ttl_s > 0 else None
+        )
 
     async def authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
         values = [
@@ -56,9 +62,12 @@ class Authenticator:
 
     async def remember(self, principal: Principal) -> None:
         key = (principal.user_id, principal.display_name, principal.email, principal.image_url)
-        if key not in self._seen:
+        seen = self._seen is not None and key in self._seen
+        self._on_lookup("users", seen)
+        if not seen:
             await self._upsert(principal)
-            self._seen[key] = True
+            if self._seen is not None:
+                self._seen[key] = True
 
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
