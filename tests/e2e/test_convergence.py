@@ -211,9 +211,11 @@ class Run:
             if step == restart_at:
                 await self.restart()
             user = rng.choice(USERS)
-            if step in forced_mid_send:
-                user = rng.choice([u for u in USERS if u not in self.paused])
-                assert await self.cut_mid_send(user)
+            # A forced cut needs a connected user who can still post (removals may leave none).
+            able = [u for u in USERS if u not in self.paused and self._threads(u)]
+            if step in forced_mid_send and able:
+                if not await self.cut_mid_send(rng.choice(able)):
+                    self.stats.steps["cut_mid_send:skipped"] += 1
             else:
                 await self.step(user)
             await self.tick_paused()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from tests.support.process import ServerProcess
 
-GRPCURL = shutil.which("grpcurl")
+# The wrapper installs the binary beside the interpreter: found with or without an activated venv.
+GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
 
 
 def grpcurl(*args: str) -> str:
