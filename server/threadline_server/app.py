@@ -14,6 +14,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from threadline.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
     realtime_service_pb2,
     thread_service_pb2,
     thread_service_pb2_grpc,
@@ -32,12 +34,14 @@ from threadline_server.domain.threads import Threads
 from threadline_server.domain.uploads import BlobStore, SweepResult, Uploads
 from threadline_server.observability import Metrics
 from threadline_server.realtime.broker import LocalBroker
+from threadline_server.realtime.presence import PresenceTracker
 from threadline_server.realtime.typing import TypingTracker
 from threadline_server.storage.cache import CachePolicy, ReadCaches
 from threadline_server.storage.db import Database, ensure_server_state, migrate
 from threadline_server.storage.store import SqlStore
 from threadline_server.storage.uploads import SqlUploadStore
 from threadline_server.transport import codec
+from threadline_server.transport.admin import AdminServicer
 from threadline_server.transport.blob_http import LocalBlobHttp
 from threadline_server.transport.guard import Authenticator
 from threadline_server.transport.http import SideHttp
@@ -55,6 +59,7 @@ SERVICE_NAMES = (
     realtime_service_pb2.DESCRIPTOR.services_by_name["RealtimeService"].full_name,
     upload_service_pb2.DESCRIPTOR.services_by_name["UploadService"].full_name,
     user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
+    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
 
 
@@ -65,6 +70,9 @@ class Endpoints:
     grpc_port: int
     http_port: int
     issuer: str
+
+
+_COMPRESS_LEVEL_LOW = 1  # grpc_compression_level GRPC_COMPRESS_LEVEL_LOW
 
 
 def _policy(entry: CacheEntry) -> CachePolicy:
@@ -91,6 +99,7 @@ class ThreadlineServer:
             sqlite_synchronous=settings.database.sqlite_synchronous,
             on_slow_query=self.metrics.slow_queries.inc,
         )
+        self.metrics.pool_in_use.set_function(self.db.pool_in_use)
         self.broker = LocalBroker(
             codec.encode_event, settings.realtime.max_connections_per_user, self.metrics
         )
@@ -106,6 +115,12 @@ class ThreadlineServer:
             self.store, settings.database.group_commit_max, self._observe_batch
         )
         self.typing = TypingTracker(self.broker.publish, settings.realtime.typing_ttl_s)
+        self.presence = PresenceTracker(
+            self.broker.publish,
+            self.store.co_participants,
+            self.broker.online,
+            settings.realtime.presence_grace_s,
+        )
         self.server: grpc.aio.Server | None = None
         self.http: SideHttp | None = None
         self.verifier: TokenVerifier | None = None
@@ -158,19 +173,24 @@ class ThreadlineServer:
         dispatcher = FrameDispatcher(
             auth, self.store, threads, messaging, self.typing, limiter, self.metrics
         )
-        self.realtime = RealtimeServicer(s, auth, self.store, self.broker, dispatcher, self.typing)
+        self.realtime = RealtimeServicer(
+            s, auth, self.store, self.broker, dispatcher, self.typing, self.presence
+        )
 
         server = grpc.aio.server(options=self._grpc_options())
         servicers = (
             ThreadServicer(auth, threads),
             UserServicer(auth, self.store, self.broker),
             UploadServicer(auth, self.uploads),
+            AdminServicer(auth, self.store, self.broker, s.auth.admin_users),
         )
         for servicer in servicers:
             servicer.metrics = self.metrics  # errors by status code, counted by the guard
+            servicer.compression_threshold = s.limits.compression_threshold_bytes
         thread_service_pb2_grpc.add_ThreadServiceServicer_to_server(servicers[0], server)
         user_service_pb2_grpc.add_UserServiceServicer_to_server(servicers[1], server)
         upload_service_pb2_grpc.add_UploadServiceServicer_to_server(servicers[2], server)
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(servicers[3], server)
         add_realtime_servicer(server, self.realtime)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -256,6 +276,11 @@ class ThreadlineServer:
             ("grpc.http2.min_ping_interval_without_data_ms", s.min_ping_interval_ms),
             ("grpc.http2.max_ping_strikes", 2),
             ("grpc.so_reuseport", 0),
+            # Compression by level, not by algorithm: gRPC then picks the best algorithm the
+            # peer lists in grpc-accept-encoding (LOW ranks gzip first) and sends identity to a
+            # peer that lists none. Forcing gzip per call compresses even for such peers.
+            # Messages under the threshold opt out one by one (see transport/compression.py).
+            ("grpc.default_compression_level", _COMPRESS_LEVEL_LOW),
         ]
         if s.max_connection_age_ms:
             options += [
@@ -275,6 +300,7 @@ class ThreadlineServer:
         if self.server is not None:
             await self.server.stop(grace)
         await self.committer.stop()
+        await self.presence.close()
         await self.store.drain()
         if self.http is not None:
             await self.http.stop()

@@ -112,6 +112,9 @@ class AuthSettings(BaseModel):
     allow_impersonation: bool = Field(
         True, description="Accept tokens with an `act` claim (admin impersonation; logged)."
     )
+    admin_users: list[str] = Field(
+        default_factory=list, description="User ids (token subjects) allowed to call AdminService."
+    )
     embedded_token_ttl_s: int = Field(3600, description="Lifetime of `threadline token` tokens.")
 
 
@@ -127,6 +130,9 @@ class RealtimeSettings(BaseModel):
     batch_max_events: int = Field(100, description="Most events in one live batch frame.")
     replay_batch_size: int = Field(300, description="Most events in one replay frame.")
     typing_ttl_s: float = Field(6.0, description="A typing signal expires after this.")
+    presence_grace_s: float = Field(
+        5.0, description="A user is announced offline this long after their last stream closed."
+    )
     max_connections_per_user: int = Field(
         5, description="Live streams per user; the oldest is closed (REPLACED) beyond it."
     )

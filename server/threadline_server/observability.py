@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
+from contextvars import ContextVar
+from types import MappingProxyType
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -57,6 +60,9 @@ class Metrics:
             registry=r,
         )
 
+        self.pool_in_use = Gauge(
+            "threadline_db_pool_in_use", "Database connections checked out now.", registry=r
+        )
         self.cache_lookups = Counter(
             "threadline_cache_lookups",
             "Cache lookups by cache and result (hit, miss).",
@@ -76,6 +82,32 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# Immutable by convention: bind_log_context replaces the mapping, never changes it in place.
+_log_context: ContextVar[Mapping[str, str]] = ContextVar(
+    "threadline_log_context", default=MappingProxyType({})
+)
+
+
+def bind_log_context(**fields: str) -> None:
+    """Adds fields (request id, rpc, user, session) to every log record of the current task and
+    of the tasks it starts from now on (asyncio copies the context into new tasks)."""
+    _log_context.set({**_log_context.get(), **fields})
+
+
+def log_context() -> Mapping[str, str]:
+    return _log_context.get()
+
+
+class ContextFilter(logging.Filter):
+    """Copies the bound request fields onto each record (JSON logs show them as fields)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in _log_context.get().items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -99,6 +131,7 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler()
+    handler.addFilter(ContextFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -3,7 +3,10 @@ answers with a clear, retryable status; nothing is half written."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import grpc
@@ -64,3 +67,60 @@ async def test_query_timeout_cancels_the_statement(settings_factory, db_url):
             assert again.thread.archived  # the server is fine afterwards
     finally:
         await app.stop(grace=0.5)
+
+
+async def test_slow_query_is_logged_with_duration_caller_and_request_id(
+    settings_factory, db_url, caplog
+):
+    app = ThreadlineServer(settings_factory(database={"query_timeout_s": 5.0, "slow_query_s": 0.3}))
+    endpoints = await app.start()
+    caplog.set_level(logging.WARNING, logger="threadline_server.storage.db")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{endpoints.grpc_port}") as channel:
+            thread = await create_thread(channel, app.mint("alice", 600), "bob")
+            url = make_url(db_url)
+            loop = asyncio.get_running_loop()
+            # Hold the lock the archive needs for 0.6 s: slower than 0.3 s, within the timeout.
+            if url.get_backend_name() == "postgresql":
+                blocker = await asyncpg.connect(
+                    host=url.host, port=url.port, user=url.username, database=url.database
+                )
+                tx = blocker.transaction()
+                await tx.start()
+                await blocker.execute("SELECT 1 FROM threads WHERE id = $1 FOR UPDATE", thread)
+                release = loop.create_task(_later(0.6, tx.rollback))
+            else:
+                blocker_sqlite = sqlite3.connect(url.database or "", isolation_level=None)
+                blocker_sqlite.execute("BEGIN IMMEDIATE")
+                release = loop.create_task(
+                    _later(0.6, lambda: _sync(blocker_sqlite.execute, "ROLLBACK"))
+                )
+            meta = (*bearer(app.mint("alice", 600)), ("x-request-id", "req-slow-1"))
+            done = await tsg.ThreadServiceStub(channel).ArchiveThread(
+                ts.ArchiveThreadRequest(thread_id=thread), metadata=meta, timeout=10
+            )
+            assert done.thread.archived
+            await release
+            if url.get_backend_name() == "postgresql":
+                await blocker.close()
+            else:
+                blocker_sqlite.close()
+        [slow] = [r for r in caplog.records if r.getMessage().startswith("slow query")]
+        assert slow.duration_s >= 0.3  # type: ignore[attr-defined]
+        assert slow.statement  # type: ignore[attr-defined]
+        assert slow.caller.startswith("threadline_server.storage.store_threads.")  # type: ignore[attr-defined]
+        assert slow.request_id == "req-slow-1"  # type: ignore[attr-defined]
+        assert (slow.rpc, slow.user) == ("ArchiveThread", "alice")  # type: ignore[attr-defined]
+        text = app.metrics.render().decode()
+        assert "threadline_slow_queries_total 1.0" in text
+    finally:
+        await app.stop(grace=0.5)
+
+
+async def _later(delay: float, action: Callable[[], Awaitable[object]]) -> None:
+    await asyncio.sleep(delay)
+    await action()
+
+
+async def _sync(fn: Callable[..., object], *args: object) -> object:
+    return fn(*args)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import httpx
 import pytest
@@ -26,6 +28,12 @@ async def test_metrics_count_streams_messages_and_errors(server, channel, token)
     alice, bob = RawStream(channel, token("alice")), RawStream(channel, token("bob"))
     await alice.hello()
     await bob.hello()
+    # Let presence settle first (bob coming online, shown to alice), so that only the messages
+    # are counted below.
+    assert [e.presence.user_id for e in await alice.events(1, presence=True)] == ["bob"]
+    await asyncio.sleep(0.2)
+    async with httpx.AsyncClient() as http:
+        before = sample((await http.get(url)).text, "threadline_event_deliveries_total")
     for i in range(3):
         await alice.send_message(thread, f"m{i}", f"op-{i}")
     await alice.send_message(thread, "", "bad")  # INVALID_ARGUMENT
@@ -39,7 +47,11 @@ async def test_metrics_count_streams_messages_and_errors(server, channel, token)
     assert sample(text, "threadline_streams") == 2
     assert sample(text, "threadline_users_online") == 2
     assert sample(text, "threadline_messages_submitted_total") == 3
-    assert sample(text, "threadline_event_deliveries_total") == 6  # 3 messages x 2 streams
+    assert sample(text, "threadline_event_deliveries_total") - before == 6  # 3 messages x 2
+    assert before >= 1
+    assert 'threadline_cache_lookups_total{cache="users",result="hit"}' in text
+    assert 'threadline_cache_hit_ratio{cache="users"}' in text
+    assert sample(text, "threadline_db_pool_in_use") >= 0
     assert 'threadline_errors_total{code="INVALID_ARGUMENT"} 1.0' in text
     assert 'threadline_errors_total{code="NOT_FOUND"} 1.0' in text
     assert "threadline_fanout_seconds_bucket" in text

@@ -13,6 +13,8 @@ from tests.support.raw_stream import RawStream
 from tests.support.rpc import status_details
 from threadline.v1 import thread_service_pb2 as ts
 from threadline.v1 import thread_service_pb2_grpc as tsg
+from threadline_client.session import ThreadlineSession
+from threadline_client.state import OpStatus
 from threadline_server.app import ThreadlineServer
 
 
@@ -49,5 +51,30 @@ async def test_sixty_first_message_waits_for_retry_info(settings_factory):
             assert accepted.WhichOneof("outcome") == "confirmed"
             for s in (phone, laptop, bob):
                 s.cancel()
+    finally:
+        await app.stop(grace=0.5)
+
+
+async def test_sdk_session_waits_out_the_rate_limit_and_loses_nothing(settings_factory):
+    """A burst beyond the budget through the SDK: every message is delivered, in order, none
+    failed; the server refused some (RetryInfo) and the session resent them after the wait."""
+    app = ThreadlineServer(settings_factory(limits={"operations_per_minute": 60}))
+    endpoints = await app.start()
+    target = f"127.0.0.1:{endpoints.grpc_port}"
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            thread = await create_thread(channel, app.mint("alice", 600), "bob")
+        session = await ThreadlineSession.connect(target, lambda: app.mint("alice", 600))
+        try:
+            await session.wait_until(lambda s: thread in s.threads.by_id)
+            ops = [session.send(thread, f"burst {i}") for i in range(64)]
+            outcomes = [await session.wait_op(op, timeout=30) for op in ops]
+            assert {o.status for o in outcomes} == {OpStatus.CONFIRMED}
+            seqs = [o.resource.message.seq for o in outcomes if o.resource is not None]
+            assert seqs == list(range(1, 65))  # in order, each once
+        finally:
+            await session.close()
+        refused = app.metrics.registry.get_sample_value("threadline_rate_limited_total")
+        assert refused and refused >= 1
     finally:
         await app.stop(grace=0.5)

@@ -66,13 +66,17 @@ class RawStream:
     def half_close(self) -> None:
         self._out.put_nowait(None)
 
-    async def recv(self, timeout: float = 5.0) -> rt.ServerFrame:
-        """The next pushed frame (events, errors, ...)."""
-        frame = await asyncio.wait_for(self.pushes.get(), timeout)
-        if frame is None:
-            self.pushes.put_nowait(None)  # stay ended for later readers
-            raise EOFError("stream ended")
-        return frame
+    async def recv(self, timeout: float = 5.0, *, presence: bool = False) -> rt.ServerFrame:
+        """The next pushed frame (events, errors, ...). Presence is ephemeral and arrives
+        whenever a co-participant connects, so it is skipped unless asked for."""
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.pushes.get()
+                if frame is None:
+                    self.pushes.put_nowait(None)  # stay ended for later readers
+                    raise EOFError("stream ended")
+                if presence or not _only_presence(frame):
+                    return frame
 
     async def reply_to(self, request_id: str, timeout: float = 5.0) -> rt.ServerFrame:
         future = self._replies.get(request_id)
@@ -96,19 +100,24 @@ class RawStream:
         )
         return (await self.reply_to(rid)).operation_result
 
-    async def events(self, count: int, timeout: float = 5.0) -> list[rt.Event]:
-        """The next `count` events, skipping other pushed frames."""
+    async def events(
+        self, count: int, timeout: float = 5.0, *, presence: bool = False
+    ) -> list[rt.Event]:
+        """The next `count` events, skipping other pushed frames (and presence events, which
+        may share a batch with others, unless asked for)."""
         out: list[rt.Event] = []
         while len(out) < count:
-            frame = await self.recv(timeout)
+            frame = await self.recv(timeout, presence=presence)
             if frame.WhichOneof("kind") == "events":
-                out.extend(frame.events.events)
+                out.extend(
+                    e for e in frame.events.events if presence or e.kind != rt.EVENT_KIND_PRESENCE
+                )
         return out
 
-    async def no_event(self, wait: float = 0.5) -> None:
+    async def no_event(self, wait: float = 0.5, *, presence: bool = False) -> None:
         """Asserts that nothing is pushed within `wait` seconds."""
         try:
-            frame = await self.recv(wait)
+            frame = await self.recv(wait, presence=presence)
         except TimeoutError:
             return
         raise AssertionError(f"unexpected frame: {frame}")
@@ -119,3 +128,9 @@ class RawStream:
     def cancel(self) -> None:
         self.call.cancel()
         self._reader.cancel()
+
+
+def _only_presence(frame: rt.ServerFrame) -> bool:
+    return frame.WhichOneof("kind") == "events" and all(
+        e.kind == rt.EVENT_KIND_PRESENCE for e in frame.events.events
+    )

@@ -121,6 +121,7 @@ class EventKind(Enum):
     THREAD_REMOVED = 6
     READ_MARKER_UPDATED = 7
     TYPING = 8
+    PRESENCE = 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +134,16 @@ class TypingState:
     expires_at: float
 
 
-Payload = Message | Thread | ReadMarker | TypingState | None
+@dataclass(frozen=True, slots=True)
+class PresenceState:
+    """An ephemeral online/offline announcement."""
+
+    user_id: str
+    online: bool
+    last_active_at: float  # epoch seconds
+
+
+Payload = Message | Thread | ReadMarker | TypingState | PresenceState | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,6 +81,16 @@ class ThreadCursor:
     thread_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class IndexStat:
+    """How much one index has been used (database statistics)."""
+
+    table: str
+    index: str
+    scans: int
+    tuples_read: int
+
+
 class Store(Protocol):
     """Durable state. Every write is one transaction; its events are published after COMMIT."""
 
@@ -129,6 +139,8 @@ class Store(Protocol):
     ) -> list[tuple[str, StoredOp, Message | Thread | None]]: ...
     async def prune(self, retention_s: int, idempotency_window_s: int) -> tuple[int, int]: ...
     async def thread_members(self, thread_id: str) -> frozenset[str]: ...
+    async def co_participants(self, user_id: str) -> frozenset[str]: ...
+    async def index_usage(self) -> tuple[str, list[IndexStat]]: ...
 
 
 class Broker(Protocol):

@@ -25,6 +25,16 @@ class Close:
     final_frame: bytes | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """What operators see of a stream besides its user."""
+
+    kind: str = "connect"  # or "subscribe"
+    peer: str = ""
+    client_name: str = ""
+    client_version: str = ""
+
+
 class StreamSession:
     """A subscriber of the broker. Frames are bytes already encoded by the transport, so an
     event is serialized once for all of its recipients.
@@ -40,11 +50,14 @@ class StreamSession:
         *,
         max_frames: int,
         min_change_seq: int = 0,
+        info: SessionInfo | None = None,
     ) -> None:
         self.session_id = uuid.uuid4().hex
         self.principal = principal
         self.user_id = principal.user_id
+        self.info = info or SessionInfo()
         self.opened_at = time.monotonic()
+        self.opened_at_wall = time.time()
         self.last_activity = time.monotonic()
         self.min_change_seq = min_change_seq
         self._queue: asyncio.Queue[bytes | Close] = asyncio.Queue()
@@ -76,6 +89,13 @@ class StreamSession:
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
+
+    def last_activity_wall(self) -> float:
+        """`last_activity` as epoch seconds (monotonic time is for timeouts, this for people)."""
+        return max(self.opened_at_wall, time.time() - (time.monotonic() - self.last_activity))
+
+    def queued(self) -> int:
+        return self._queue.qsize()
 
     def refresh(self, principal: Principal) -> None:
         self.principal = principal

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,21 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from threadline_server.errors import DeadlineExceeded, Unavailable
+from threadline_server.observability import log_context
 
 logger = logging.getLogger(__name__)
+
+# The store method that opened the current transaction, for the slow-query log. SQLAlchemy runs
+# the sync event hooks in a greenlet that carries the caller's context, so they can read it.
+_caller: ContextVar[str] = ContextVar("threadline_db_caller", default="")
+
+
+def _opener() -> str:
+    """`module.function` of the code doing `async with db.read()/write()` (two frames up:
+    this generator's __aenter__ sits between)."""
+    frame = sys._getframe(3)
+    return f"{frame.f_globals.get('__name__', '?')}.{frame.f_code.co_name}"
+
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -101,6 +116,8 @@ class Database:
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         """A read-only transaction (a consistent snapshot on both dialects)."""
+        previous = _caller.get()
+        _caller.set(_opener())
         async with _mapped_errors(), self.engine.connect() as conn, conn.begin():
             if not self.is_sqlite:
                 # One snapshot for every statement of the read (a summary's last_seq and its
@@ -109,6 +126,7 @@ class Database:
                     "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
                 )
             yield conn
+        _caller.set(previous)
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[WriteTx]:
@@ -118,6 +136,8 @@ class Database:
         is released: that is where events are published, so delivery order equals commit order
         and nothing is announced that was not durably written.
         """
+        previous = _caller.get()
+        _caller.set(_opener())
         async with self.write_lock:
             tx = WriteTx()
             async with _mapped_errors(), self.engine.connect() as conn:
@@ -128,6 +148,12 @@ class Database:
                     yield tx
             for callback in tx.callbacks:
                 callback()
+        _caller.set(previous)
+
+    def pool_in_use(self) -> int:
+        """Connections checked out of the pool now (for the metrics)."""
+        checkedout = getattr(self.engine.pool, "checkedout", None)
+        return int(checkedout()) if callable(checkedout) else 0
 
     async def dispose(self) -> None:
         await self.engine.dispose()
@@ -191,11 +217,18 @@ def _install_slow_query_log(
         elapsed = time.perf_counter() - conn.info["query_start"].pop()
         if elapsed >= threshold_s:
             on_slow()
+            caller = _caller.get()
             logger.warning(
-                "slow query (%.3f s): %s",
+                "slow query (%.3f s) in %s: %s",
                 elapsed,
+                caller or "?",
                 statement[:200],
-                extra={"duration_s": round(elapsed, 3), "statement": statement[:500]},
+                extra={
+                    **log_context(),
+                    "duration_s": round(elapsed, 3),
+                    "statement": statement[:500],
+                    "caller": caller,
+                },
             )
 
 

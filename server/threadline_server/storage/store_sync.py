@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from threadline_server.domain.models import Event, Message, Thread
-from threadline_server.domain.ports import StoredOp
+from threadline_server.domain.ports import IndexStat, StoredOp
 from threadline_server.storage.history import message_at, prune, replay, stored_ops, thread_at
 from threadline_server.storage.store_base import _now, runs_to_completion
 from threadline_server.storage.store_messages import MessageStore
-from threadline_server.storage.tables import server_state
+from threadline_server.storage.tables import server_state, thread_members
+
+_IN_CHUNK = 500  # ids per IN list: well under every driver's parameter limit
 
 
 class SyncStore(MessageStore):
@@ -58,6 +60,37 @@ class SyncStore(MessageStore):
         async with self._db.read() as conn:
             row = (await conn.execute(select(server_state).where(server_state.c.id == 1))).one()
         return str(row.epoch), int(row.change_seq)
+
+    async def co_participants(self, user_id: str) -> frozenset[str]:
+        """Everyone who shares at least one thread with `user_id` (for presence). Two indexed
+        steps rather than a self-join, which PostgreSQL tends to plan as a hash join over all
+        memberships once a user is in a few hundred threads."""
+        mine = select(thread_members.c.thread_id).where(thread_members.c.user_id == user_id)
+        peers: set[str] = set()
+        async with self._db.read() as conn:
+            thread_ids = list((await conn.execute(mine)).scalars())
+            for start in range(0, len(thread_ids), _IN_CHUNK):
+                chunk = thread_ids[start : start + _IN_CHUNK]
+                stmt = (
+                    select(thread_members.c.user_id)
+                    .where(thread_members.c.thread_id.in_(chunk))
+                    .distinct()
+                )
+                peers.update((await conn.execute(stmt)).scalars())
+        peers.discard(user_id)
+        return frozenset(peers)
+
+    async def index_usage(self) -> tuple[str, list[IndexStat]]:
+        """(backend, per-index use) from pg_stat_user_indexes; SQLite keeps no such figures."""
+        if self._db.is_sqlite:
+            return "sqlite", []
+        stmt = text(
+            "SELECT relname, indexrelname, idx_scan, idx_tup_read FROM pg_stat_user_indexes "
+            "WHERE schemaname = current_schema() ORDER BY idx_scan DESC, relname, indexrelname"
+        )
+        async with self._db.read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return "postgresql", [IndexStat(r[0], r[1], int(r[2] or 0), int(r[3] or 0)) for r in rows]
 
     async def thread_members(self, thread_id: str) -> frozenset[str]:
         return await self._cached_members(thread_id)

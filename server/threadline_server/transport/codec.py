@@ -169,6 +169,12 @@ def event(e: models.Event, for_author: bool) -> realtime_pb2.Event:
                 expire_time=ts_epoch(p.expires_at),
             )
         )
+    elif isinstance(p, models.PresenceState):
+        out.presence.CopyFrom(
+            realtime_pb2.PresenceState(
+                user_id=p.user_id, online=p.online, last_active_time=ts_epoch(p.last_active_at)
+            )
+        )
     elif e.kind is models.EventKind.THREAD_REMOVED:
         out.thread.CopyFrom(thread_pb2.Thread(name=f"threads/{e.thread_id}", id=e.thread_id))
     return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import re
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -14,7 +16,8 @@ from grpc_status import rpc_status
 
 from threadline_server.domain.models import Principal
 from threadline_server.errors import DomainError, Unauthenticated
-from threadline_server.observability import Metrics
+from threadline_server.observability import Metrics, bind_log_context
+from threadline_server.transport.compression import DEFAULT_THRESHOLD, send_plain_if_small
 from threadline_server.transport.status import internal_status, to_status
 
 
@@ -71,6 +74,19 @@ class Authenticator:
 
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def bind_request(context: grpc.aio.ServicerContext[Any, Any], rpc: str) -> str:
+    """Names the call in every log line it causes: the caller's `x-request-id` if it sent a
+    sane one (so logs join up across services), else a new id."""
+    request_id = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.match(value):
+            request_id = value
+    request_id = request_id or uuid.uuid4().hex[:16]
+    bind_log_context(request_id=request_id, rpc=rpc)
+    return request_id
 
 
 async def abort(
@@ -107,9 +123,14 @@ def guarded(cls: type[T]) -> type[T]:
 def _wrap_unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: Any) -> Any:
+        bind_request(context, fn.__name__)
         try:
             principal = await self.auth.authenticate(context)
-            return await fn(self, request, context, principal)
+            bind_log_context(user=principal.user_id)
+            response = await fn(self, request, context, principal)
+            threshold = getattr(self, "compression_threshold", DEFAULT_THRESHOLD)
+            send_plain_if_small(context, response.ByteSize(), threshold)
+            return response
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:  # the boundary: everything becomes a status
@@ -122,9 +143,13 @@ def _wrap_unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[An
 def _wrap_stream(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: Any) -> Any:
+        bind_request(context, fn.__name__)
         try:
             principal = await self.auth.authenticate(context)
+            bind_log_context(user=principal.user_id)
+            threshold = getattr(self, "compression_threshold", DEFAULT_THRESHOLD)
             async for item in fn(self, request, context, principal):
+                send_plain_if_small(context, item.ByteSize(), threshold)
                 yield item
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise

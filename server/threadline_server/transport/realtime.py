@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -18,7 +19,7 @@ from threadline.v1 import realtime_service_pb2 as rs
 from threadline_server.config import Settings
 from threadline_server.domain.limits import RateLimiter
 from threadline_server.domain.messages import Messaging
-from threadline_server.domain.models import Principal
+from threadline_server.domain.models import Event, EventKind, PresenceState, Principal
 from threadline_server.domain.ports import Store
 from threadline_server.domain.threads import Threads
 from threadline_server.errors import (
@@ -33,12 +34,13 @@ from threadline_server.errors import (
     Unauthenticated,
     Unavailable,
 )
-from threadline_server.observability import Metrics
+from threadline_server.observability import Metrics, bind_log_context
 from threadline_server.realtime.broker import LocalBroker
-from threadline_server.realtime.session import Close, EventBytes, StreamSession
+from threadline_server.realtime.presence import PresenceTracker
+from threadline_server.realtime.session import Close, EventBytes, SessionInfo, StreamSession
 from threadline_server.realtime.typing import TypingTracker
-from threadline_server.transport import codec
-from threadline_server.transport.guard import Authenticator, abort
+from threadline_server.transport import codec, compression
+from threadline_server.transport.guard import Authenticator, abort, bind_request
 from threadline_server.transport.status import duration, internal_status, to_status
 
 logger = logging.getLogger(__name__)
@@ -264,6 +266,7 @@ class RealtimeServicer:
         broker: LocalBroker,
         dispatcher: FrameDispatcher,
         typing: TypingTracker,
+        presence: PresenceTracker,
     ) -> None:
         self.settings = settings
         self.auth = auth
@@ -271,6 +274,7 @@ class RealtimeServicer:
         self.broker = broker
         self.dispatcher = dispatcher
         self.typing = typing
+        self.presence = presence
         self.draining = False
 
     # ---- RPCs ---------------------------------------------------------------------------
@@ -278,8 +282,10 @@ class RealtimeServicer:
     async def Connect(
         self, request_iterator: AsyncIterator[rs.ConnectRequest], context: Ctx
     ) -> AsyncIterator[bytes]:
+        bind_request(context, "Connect")
         try:
             principal = await self.auth.authenticate(context)
+            bind_log_context(user=principal.user_id)
             first = await self._first_frame(request_iterator)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -291,8 +297,10 @@ class RealtimeServicer:
             yield item
 
     async def Subscribe(self, request: rs.SubscribeRequest, context: Ctx) -> AsyncIterator[bytes]:
+        bind_request(context, "Subscribe")
         try:
             principal = await self.auth.authenticate(context)
+            bind_log_context(user=principal.user_id)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:  # the boundary
@@ -303,8 +311,10 @@ class RealtimeServicer:
             yield item
 
     async def Submit(self, request: rs.SubmitRequest, context: Ctx) -> rs.SubmitResponse:
+        bind_request(context, "Submit")
         try:
             principal = await self.auth.authenticate(context)
+            bind_log_context(user=principal.user_id)
             session = None
             if request.session_id:
                 session = self.broker.session(request.session_id)
@@ -312,7 +322,11 @@ class RealtimeServicer:
                     raise NotFound("session", request.session_id)
                 session.touch()
             reply = await self.dispatcher.handle(principal, session, request.frame)
-            return rs.SubmitResponse(frame=reply)
+            response = rs.SubmitResponse(frame=reply)
+            compression.send_plain_if_small(
+                context, response.ByteSize(), self.settings.limits.compression_threshold_bytes
+            )
+            return response
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:  # the boundary
@@ -321,16 +335,12 @@ class RealtimeServicer:
 
     # ---- the shared session machinery ---------------------------------------------------
 
-    async def _compressed(self, context: Ctx, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """gzip per message from the threshold up (replay pages, long texts, busy batches);
-        smaller frames go as they are, where gzip costs CPU and saves nothing. A client that did
-        not advertise gzip gets identity: gRPC compresses only for peers that accept it."""
-        threshold = self.settings.limits.compression_threshold_bytes
-        context.set_compression(grpc.Compression.Gzip)  # before the first frame's headers
-        async for item in frames:
-            if len(item) < threshold:
-                context.disable_next_message_compression()
-            yield item
+    def _compressed(self, context: Ctx, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """gzip (when the client accepts it) for frames from the threshold up: replay pages,
+        long texts, busy batches."""
+        return compression.per_message(
+            context, frames, self.settings.limits.compression_threshold_bytes
+        )
 
     async def _first_frame(self, requests: AsyncIterator[rs.ConnectRequest]) -> rt.ClientFrame:
         timeout = self.settings.realtime.hello_timeout_s
@@ -355,7 +365,15 @@ class RealtimeServicer:
             await abort(context, Unavailable("SERVER_DRAINING", "server is shutting down"))
             return
         rts = self.settings.realtime
-        session = StreamSession(principal, max_frames=rts.queue_max_frames)
+        hello = hello_frame.hello
+        info = SessionInfo(
+            kind="connect" if requests is not None else "subscribe",
+            peer=context.peer() or "",
+            client_name=hello.client_name[:64],
+            client_version=hello.client_version[:64],
+        )
+        session = StreamSession(principal, max_frames=rts.queue_max_frames, info=info)
+        bind_log_context(session=session.session_id)
         session.overflow = (
             _SlowConsumer(),
             codec.frame_bytes(
@@ -367,11 +385,11 @@ class RealtimeServicer:
         # Subscribe before reading the cursor: an event committed meanwhile is either at or below
         # the cursor (and dropped as stale) or above it (and delivered): no gap, no duplicate.
         self.broker.subscribe(session, _replaced_frame)
+        self.presence.connected(session.user_id)
         reader: asyncio.Task[None] | None = None
         try:
             epoch, cursor, pruned = await self.store.resume_point()
             session.min_change_seq = cursor
-            hello = hello_frame.hello
             resuming = hello.HasField("sync_state")
             yield codec.frame_bytes(self._welcome(session, epoch, hello_frame.request_id, resuming))
             if resuming:
@@ -380,6 +398,11 @@ class RealtimeServicer:
             else:
                 yield codec.frame_bytes(
                     rt.ServerFrame(sync_complete=rt.SyncComplete(change_seq=cursor, epoch=epoch))
+                )
+            online = await self.presence.snapshot(session.user_id)
+            if online:
+                yield codec.events_frame_bytes(
+                    [_presence_event(session.user_id, p) for p in online]
                 )
             if requests is not None:
                 reader = asyncio.create_task(self._read(session, requests))
@@ -395,6 +418,7 @@ class RealtimeServicer:
                 await context.abort_with_status(rpc_status.to_status(to_status(closing.error)))
         finally:
             self.broker.unsubscribe(session)
+            self.presence.disconnected(session.user_id, session.last_activity_wall())
             if not self.broker.online(session.user_id):
                 self.typing.clear_user(session.user_id)
             if reader is not None:
@@ -623,6 +647,21 @@ def _error_frame(exc: DomainError, *, can_resume: bool) -> bytes:
             )
         )
     )
+
+
+def _presence_event(recipient: str, state: PresenceState) -> EventBytes:
+    event = Event(
+        0,
+        EventKind.PRESENCE,
+        "",
+        0,
+        0,
+        state.user_id,
+        datetime.now(UTC),
+        state,
+        frozenset([recipient]),
+    )
+    return codec.encode_event(event, False)
 
 
 def _replaced_frame() -> bytes:

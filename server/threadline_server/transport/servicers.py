@@ -27,6 +27,7 @@ from threadline_server.domain.uploads import Uploads
 from threadline_server.domain.validation import Violations
 from threadline_server.observability import Metrics
 from threadline_server.transport import codec
+from threadline_server.transport.compression import DEFAULT_THRESHOLD
 from threadline_server.transport.guard import Authenticator, guarded
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -38,6 +39,7 @@ PREFERENCE_FIELDS = ("theme", "locale", "time_zone", "notifications_enabled")
 @guarded
 class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
     metrics: Metrics | None = None  # set by app.py; the guard counts errors by code
+    compression_threshold = DEFAULT_THRESHOLD  # set by app.py; responses under it go plain
 
     def __init__(self, auth: Authenticator, threads: Threads) -> None:
         self.auth = auth
@@ -163,6 +165,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
 @guarded
 class UserServicer(user_service_pb2_grpc.UserServiceServicer):
     metrics: Metrics | None = None  # set by app.py; the guard counts errors by code
+    compression_threshold = DEFAULT_THRESHOLD  # set by app.py; responses under it go plain
 
     def __init__(self, auth: Authenticator, store: Store, broker: Broker) -> None:
         self.auth = auth
@@ -208,6 +211,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
 @guarded
 class UploadServicer(upload_service_pb2_grpc.UploadServiceServicer):
     metrics: Metrics | None = None  # set by app.py; the guard counts errors by code
+    compression_threshold = DEFAULT_THRESHOLD  # set by app.py; responses under it go plain
 
     def __init__(self, auth: Authenticator, uploads: Uploads) -> None:
         self.auth = auth

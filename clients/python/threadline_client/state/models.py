@@ -493,12 +493,14 @@ class UiState:
         loading_states: Loading flags, e.g. `snapshot` or `history:<thread_id>`.
         errors: Recent errors to show (at most 50, oldest dropped).
         typing: Per thread id, the other users typing now.
+        online: Users who share a thread with this user and have a live stream now.
     """
 
     active_thread: str | None = None
     loading_states: dict[str, bool] = field(default_factory=dict)
     errors: list[UiError] = field(default_factory=list)
     typing: dict[str, set[str]] = field(default_factory=dict)
+    online: set[str] = field(default_factory=set)
 
 
 @dataclass(slots=True)

@@ -53,6 +53,9 @@ class _ServerReducer(_StoreCore):
         if welcome.HasField("limits"):
             sync.limits = welcome.limits
         delta = _Delta()
+        # Presence arrives afresh on every stream (a snapshot after SyncComplete): whoever went
+        # offline while this client was disconnected must not stay online here.
+        self.state.ui.online.clear()
         if welcome.user_id:
             self.state.user.id = welcome.user_id
             for msg in self.state.messages.pending:
@@ -271,6 +274,12 @@ class _ServerReducer(_StoreCore):
             else:
                 users.discard(typing.user_id)
             delta.threads.add(typing.thread_id or event.thread_id)
+            return True
+        if kind == realtime_pb2.EVENT_KIND_PRESENCE:
+            if event.presence.online:
+                self.state.ui.online.add(event.presence.user_id)
+            else:
+                self.state.ui.online.discard(event.presence.user_id)
             return True
         return False
 

@@ -82,6 +82,11 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     """Someone started or stopped typing (payload: typing). Ephemeral: change_seq is 0 and it is
     never replayed.
     """
+    EVENT_KIND_PRESENCE: _EventKind.ValueType  # 9
+    """A user who shares a thread with the recipient came online or went offline (payload:
+    presence). Ephemeral like typing; after SyncComplete the server sends one for every such
+    user online at that moment.
+    """
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
     """What an event reports."""
@@ -107,6 +112,11 @@ EVENT_KIND_READ_MARKER_UPDATED: EventKind.ValueType  # 7
 EVENT_KIND_TYPING: EventKind.ValueType  # 8
 """Someone started or stopped typing (payload: typing). Ephemeral: change_seq is 0 and it is
 never replayed.
+"""
+EVENT_KIND_PRESENCE: EventKind.ValueType  # 9
+"""A user who shares a thread with the recipient came online or went offline (payload:
+presence). Ephemeral like typing; after SyncComplete the server sends one for every such
+user online at that moment.
 """
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
@@ -779,6 +789,40 @@ class TypingState(_message.Message):
 Global___TypingState: _TypeAlias = TypingState  # noqa: Y015
 
 @_typing.final
+class PresenceState(_message.Message):
+    """Whether a user has a live stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    ONLINE_FIELD_NUMBER: _builtins.int
+    LAST_ACTIVE_TIME_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user."""
+    online: _builtins.bool
+    """True while the user has at least one live stream. Going offline is announced after a short
+    grace period, so a reconnect does not flicker.
+    """
+    @_builtins.property
+    def last_active_time(self) -> _timestamp_pb2.Timestamp:
+        """When the user was last active (the last frame from any of their streams)."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        online: _builtins.bool = ...,
+        last_active_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_active_time", b"last_active_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_active_time", b"last_active_time", "online", b"online", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PresenceState: _TypeAlias = PresenceState  # noqa: Y015
+
+@_typing.final
 class Event(_message.Message):
     """A change the recipient can see."""
 
@@ -796,6 +840,7 @@ class Event(_message.Message):
     THREAD_FIELD_NUMBER: _builtins.int
     READ_MARKER_FIELD_NUMBER: _builtins.int
     TYPING_FIELD_NUMBER: _builtins.int
+    PRESENCE_FIELD_NUMBER: _builtins.int
     change_seq: _builtins.int
     """The change cursor: increases across all of the user's events; store the highest applied
     value as SyncState.change_seq. 0 on ephemeral events.
@@ -836,6 +881,10 @@ class Event(_message.Message):
     def typing(self) -> Global___TypingState:
         """For typing events."""
 
+    @_builtins.property
+    def presence(self) -> Global___PresenceState:
+        """For presence events."""
+
     def __init__(
         self,
         *,
@@ -851,12 +900,13 @@ class Event(_message.Message):
         thread: _thread_pb2.Thread | None = ...,
         read_marker: _thread_pb2.ReadMarker | None = ...,
         typing: Global___TypingState | None = ...,
+        presence: Global___PresenceState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "message", b"message", "payload", b"payload", "read_marker", b"read_marker", "thread", b"thread", "typing", b"typing"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "message", b"message", "payload", b"payload", "presence", b"presence", "read_marker", b"read_marker", "thread", b"thread", "typing", b"typing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "change_seq", b"change_seq", "client_op_id", b"client_op_id", "create_time", b"create_time", "kind", b"kind", "message", b"message", "payload", b"payload", "read_marker", b"read_marker", "thread", b"thread", "thread_id", b"thread_id", "thread_seq", b"thread_seq", "typing", b"typing", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_id", b"actor_id", "change_seq", b"change_seq", "client_op_id", b"client_op_id", "create_time", b"create_time", "kind", b"kind", "message", b"message", "payload", b"payload", "presence", b"presence", "read_marker", b"read_marker", "thread", b"thread", "thread_id", b"thread_id", "thread_seq", b"thread_seq", "typing", b"typing", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["message", "thread", "read_marker", "typing"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["message", "thread", "read_marker", "typing", "presence"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

@@ -1,0 +1,111 @@
+"""Presence: online/offline announced to the users who share a thread with someone.
+
+Announcements are state, not edges: after looking up who to tell, the tracker publishes the
+user's *current* state, and only if it differs from what was last announced. Two lookups that
+finish out of order therefore never leave peers with the wrong state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+from threadline_server.domain.models import Event, EventKind, PresenceState
+
+logger = logging.getLogger(__name__)
+
+Peers = Callable[[str], Awaitable[frozenset[str]]]
+
+
+class PresenceTracker:
+    """Per node. Going offline waits `grace_s`, so a reconnect (a network blip, a replaced
+    connection) is not announced as offline-then-online."""
+
+    def __init__(
+        self,
+        publish: Callable[[list[Event]], None],
+        peers: Peers,
+        is_online: Callable[[str], bool],
+        grace_s: float,
+    ) -> None:
+        self._publish = publish
+        self._peers = peers
+        self._is_online = is_online
+        self._grace = grace_s
+        self._online: set[str] = set()
+        self._announced: set[str] = set()  # told peers they are online
+        self._last_active: dict[str, float] = {}
+        self._offline_timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def connected(self, user_id: str) -> None:
+        """A stream of the user opened."""
+        self._last_active[user_id] = time.time()
+        timer = self._offline_timers.pop(user_id, None)
+        if timer is not None:
+            timer.cancel()  # back within the grace period: peers never saw them leave
+        if user_id not in self._online:
+            self._online.add(user_id)
+            self._spawn(user_id)
+
+    def disconnected(self, user_id: str, last_active_at: float) -> None:
+        """A stream of the user closed; offline once the last one has been gone `grace_s`."""
+        self._last_active[user_id] = max(self._last_active.get(user_id, 0.0), last_active_at)
+        if self._is_online(user_id) or user_id in self._offline_timers:
+            return
+        loop = asyncio.get_running_loop()
+        self._offline_timers[user_id] = loop.call_later(self._grace, self._went_offline, user_id)
+
+    def online_now(self, user_ids: frozenset[str]) -> list[PresenceState]:
+        """Who among `user_ids` is online now (announced or not yet)."""
+        return [
+            PresenceState(u, True, self._last_active.get(u, time.time()))
+            for u in sorted(user_ids & self._online)
+        ]
+
+    async def snapshot(self, user_id: str) -> list[PresenceState]:
+        """The online peers of a user who just connected."""
+        return self.online_now(await self._peers(user_id))
+
+    def _went_offline(self, user_id: str) -> None:
+        self._offline_timers.pop(user_id, None)
+        if self._is_online(user_id):
+            return
+        self._online.discard(user_id)
+        self._spawn(user_id, self._last_active.pop(user_id, time.time()))
+
+    def _spawn(self, user_id: str, last_active_at: float | None = None) -> None:
+        task = asyncio.create_task(self._announce(user_id, last_active_at))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _announce(self, user_id: str, last_active_at: float | None) -> None:
+        try:
+            peers = await self._peers(user_id)
+        except Exception as exc:  # presence is advisory: a failed lookup must not end anything
+            logger.warning("presence lookup failed for %s: %s", user_id, type(exc).__name__)
+            return
+        online = user_id in self._online
+        if (user_id in self._announced) == online:
+            return  # this state is already announced (or, offline, never needed announcing)
+        if online:
+            self._announced.add(user_id)
+            last_active_at = self._last_active.get(user_id, time.time())
+        else:
+            self._announced.discard(user_id)
+        recipients = frozenset(p for p in peers if p in self._online)
+        if not recipients:
+            return
+        state = PresenceState(user_id, online, last_active_at or time.time())
+        now = datetime.now(UTC)
+        self._publish([Event(0, EventKind.PRESENCE, "", 0, 0, user_id, now, state, recipients)])
+
+    async def close(self) -> None:
+        for timer in self._offline_timers.values():
+            timer.cancel()
+        self._offline_timers.clear()
+        for task in list(self._tasks):
+            task.cancel()
