@@ -16,7 +16,7 @@ async def echo(requests: AsyncIterator[bytes], _context: object) -> AsyncIterato
 
 async def main(port: int) -> None:
     server = grpc.aio.server()
-    handler = grpc.stream_stream_rpc_method_handler(echo)
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.stream_stream_rpc_method_handler(echo)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),)
     )

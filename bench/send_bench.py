@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,54 +22,9 @@ from threadline.v1 import thread_service_pb2_grpc as tsg
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.support.process import ServerProcess, free_port  # noqa: E402
+from bench._common import echo_baseline, pct  # noqa: E402
+from tests.support.process import ServerProcess  # noqa: E402
 from tests.support.raw_stream import RawStream  # noqa: E402
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-
-async def echo_baseline(senders: int, messages: int) -> tuple[float, list[float]]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "echo_server.py"), str(port)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    proc.stdout.readline()
-    payload = b"x" * 200
-    latencies: list[float] = []
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            method = channel.stream_stream("/bench.Echo/Echo")
-
-            async def one() -> None:
-                queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-                sent: list[float] = []
-
-                async def gen():  # type: ignore[no-untyped-def]
-                    while (item := await queue.get()) is not None:
-                        yield item
-
-                call = method(gen())
-                for _ in range(messages):
-                    sent.append(time.perf_counter())
-                    queue.put_nowait(payload)
-                for i in range(messages):
-                    await call.read()
-                    latencies.append(time.perf_counter() - sent[i])
-                queue.put_nowait(None)
-
-            start = time.perf_counter()
-            await asyncio.gather(*(one() for _ in range(senders)))
-            elapsed = time.perf_counter() - start
-    finally:
-        proc.terminate()
-        proc.wait()
-    return senders * messages / elapsed, latencies
 
 
 async def threadline(senders: int, messages: int, subscribers: int, db: str) -> dict[str, object]:
