@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable
 
 import asyncpg
 import grpc
@@ -29,21 +28,12 @@ async def test_query_timeout_cancels_the_statement(settings_factory, db_url):
             thread = await create_thread(channel, app.mint("alice", 600), "bob")
             stub = tsg.ThreadServiceStub(channel)
             meta = bearer(app.mint("alice", 600))
-            url = make_url(db_url)
-            if url.get_backend_name() == "postgresql":
-                # Another session holds the thread's row lock: the archive's UPDATE waits, and
-                # PostgreSQL's statement_timeout (= query timeout) cancels it.
-                blocker = await asyncpg.connect(
-                    host=url.host, port=url.port, user=url.username, database=url.database
-                )
-                tx = blocker.transaction()
-                await tx.start()
-                await blocker.execute("SELECT 1 FROM threads WHERE id = $1 FOR UPDATE", thread)
+            # PostgreSQL's statement_timeout (= query timeout) cancels the waiting UPDATE; SQLite's
+            # writer gives up waiting for the write lock after the timeout.
+            lock = await LockHolder.take(db_url, thread)
+            if lock.postgres:
                 expected, reason = grpc.StatusCode.DEADLINE_EXCEEDED, "DB_TIMEOUT"
             else:
-                # Another process holds SQLite's write lock: the write gives up after the timeout.
-                blocker_sqlite = sqlite3.connect(url.database or "", isolation_level=None)
-                blocker_sqlite.execute("BEGIN IMMEDIATE")
                 expected, reason = grpc.StatusCode.UNAVAILABLE, "BACKEND_UNAVAILABLE"
             try:
                 with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -53,12 +43,7 @@ async def test_query_timeout_cancels_the_statement(settings_factory, db_url):
                 assert err.value.code() == expected
                 assert details(err.value)["reason"] == reason
             finally:
-                if url.get_backend_name() == "postgresql":
-                    await tx.rollback()
-                    await blocker.close()
-                else:
-                    blocker_sqlite.execute("ROLLBACK")
-                    blocker_sqlite.close()
+                await lock.release()
             got = await stub.GetThread(ts.GetThreadRequest(thread_id=thread), metadata=meta)
             assert not got.thread.thread.archived and got.thread.thread.version == 1
             again = await stub.ArchiveThread(
@@ -78,33 +63,15 @@ async def test_slow_query_is_logged_with_duration_caller_and_request_id(
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{endpoints.grpc_port}") as channel:
             thread = await create_thread(channel, app.mint("alice", 600), "bob")
-            url = make_url(db_url)
-            loop = asyncio.get_running_loop()
             # Hold the lock the archive needs for 0.6 s: slower than 0.3 s, within the timeout.
-            if url.get_backend_name() == "postgresql":
-                blocker = await asyncpg.connect(
-                    host=url.host, port=url.port, user=url.username, database=url.database
-                )
-                tx = blocker.transaction()
-                await tx.start()
-                await blocker.execute("SELECT 1 FROM threads WHERE id = $1 FOR UPDATE", thread)
-                release = loop.create_task(_later(0.6, tx.rollback))
-            else:
-                blocker_sqlite = sqlite3.connect(url.database or "", isolation_level=None)
-                blocker_sqlite.execute("BEGIN IMMEDIATE")
-                release = loop.create_task(
-                    _later(0.6, lambda: _sync(blocker_sqlite.execute, "ROLLBACK"))
-                )
+            lock = await LockHolder.take(db_url, thread)
+            release = asyncio.create_task(lock.release(after=0.6))
             meta = (*bearer(app.mint("alice", 600)), ("x-request-id", "req-slow-1"))
             done = await tsg.ThreadServiceStub(channel).ArchiveThread(
                 ts.ArchiveThreadRequest(thread_id=thread), metadata=meta, timeout=10
             )
             assert done.thread.archived
             await release
-            if url.get_backend_name() == "postgresql":
-                await blocker.close()
-            else:
-                blocker_sqlite.close()
         [slow] = [r for r in caplog.records if r.getMessage().startswith("slow query")]
         assert slow.duration_s >= 0.3  # type: ignore[attr-defined]
         assert slow.statement  # type: ignore[attr-defined]
@@ -117,10 +84,33 @@ async def test_slow_query_is_logged_with_duration_caller_and_request_id(
         await app.stop(grace=0.5)
 
 
-async def _later(delay: float, action: Callable[[], Awaitable[object]]) -> None:
-    await asyncio.sleep(delay)
-    await action()
+class LockHolder:
+    """Another session holding what an archive needs: the thread's row lock on PostgreSQL, the
+    database's write lock on SQLite (another process would hold it the same way)."""
 
+    def __init__(self, pg: asyncpg.Connection | None, sqlite: sqlite3.Connection | None) -> None:
+        self.pg, self.sqlite = pg, sqlite
+        self.postgres = pg is not None
 
-async def _sync(fn: Callable[..., object], *args: object) -> object:
-    return fn(*args)
+    @classmethod
+    async def take(cls, db_url: str, thread_id: str) -> LockHolder:
+        url = make_url(db_url)
+        if url.get_backend_name() != "postgresql":
+            conn = sqlite3.connect(url.database or "", isolation_level=None)
+            conn.execute("BEGIN IMMEDIATE")
+            return cls(None, conn)
+        pg = await asyncpg.connect(
+            host=url.host, port=url.port, user=url.username, database=url.database
+        )
+        await pg.execute("BEGIN")
+        await pg.execute("SELECT 1 FROM threads WHERE id = $1 FOR UPDATE", thread_id)
+        return cls(pg, None)
+
+    async def release(self, after: float = 0.0) -> None:
+        await asyncio.sleep(after)
+        if self.pg is not None:
+            await self.pg.execute("ROLLBACK")
+            await self.pg.close()
+        if self.sqlite is not None:
+            self.sqlite.execute("ROLLBACK")
+            self.sqlite.close()
