@@ -30,9 +30,12 @@ _caller: ContextVar[str] = ContextVar("threadline_db_caller", default="")
 
 
 def _opener() -> str:
-    """`module.function` of the code doing `async with db.read()/write()` (two frames up:
-    this generator's __aenter__ sits between)."""
-    frame = sys._getframe(3)
+    """`module.function` of the code doing `async with db.read()/write()`: three frames up,
+    past this generator and contextlib's __aenter__."""
+    try:
+        frame = sys._getframe(3)
+    except ValueError:  # called from a shallower stack than a store method's
+        return ""
     return f"{frame.f_globals.get('__name__', '?')}.{frame.f_code.co_name}"
 
 
@@ -118,15 +121,17 @@ class Database:
         """A read-only transaction (a consistent snapshot on both dialects)."""
         previous = _caller.get()
         _caller.set(_opener())
-        async with _mapped_errors(), self.engine.connect() as conn, conn.begin():
-            if not self.is_sqlite:
-                # One snapshot for every statement of the read (a summary's last_seq and its
-                # unread count must agree), not READ COMMITTED's snapshot per statement.
-                await conn.exec_driver_sql(
-                    "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
-                )
-            yield conn
-        _caller.set(previous)
+        try:
+            async with _mapped_errors(), self.engine.connect() as conn, conn.begin():
+                if not self.is_sqlite:
+                    # One snapshot for every statement of the read (a summary's last_seq and its
+                    # unread count must agree), not READ COMMITTED's snapshot per statement.
+                    await conn.exec_driver_sql(
+                        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+                    )
+                yield conn
+        finally:
+            _caller.set(previous)
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[WriteTx]:
@@ -138,17 +143,19 @@ class Database:
         """
         previous = _caller.get()
         _caller.set(_opener())
-        async with self.write_lock:
-            tx = WriteTx()
-            async with _mapped_errors(), self.engine.connect() as conn:
-                if self.is_sqlite:
-                    conn = await conn.execution_options(sqlite_immediate=True)
-                async with conn.begin():
-                    tx.conn = conn
-                    yield tx
-            for callback in tx.callbacks:
-                callback()
-        _caller.set(previous)
+        try:
+            async with self.write_lock:
+                tx = WriteTx()
+                async with _mapped_errors(), self.engine.connect() as conn:
+                    if self.is_sqlite:
+                        conn = await conn.execution_options(sqlite_immediate=True)
+                    async with conn.begin():
+                        tx.conn = conn
+                        yield tx
+                for callback in tx.callbacks:
+                    callback()
+        finally:
+            _caller.set(previous)
 
     def pool_in_use(self) -> int:
         """Connections checked out of the pool now (for the metrics)."""
