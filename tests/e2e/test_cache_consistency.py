@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import httpx
 import pytest
 
 from tests.conftest import bearer, make_settings
 from tests.e2e.test_realtime_delivery import create_thread
 from tests.e2e.test_sync_resume import delete_op, edit_op, op, resume
+from tests.e2e.test_uploads_attach import upload_as
 from tests.support.raw_stream import RawStream
 from threadline.v1 import realtime_pb2 as rt
 from threadline.v1 import thread_service_pb2 as ts
@@ -136,8 +138,23 @@ async def test_replay_through_the_message_cache_equals_replay_from_the_database(
             start = (await probe.hello()).epoch
             thread_id = await create_thread(ch_cached, cached.mint("alice", 600), "bob")
             state = rt.SyncState(epoch=start, change_seq=0)
-            sent = await alice.send_message(thread_id, "first", "s-1")
+            async with httpx.AsyncClient() as http:
+                file_id = await upload_as(
+                    ch_cached, http, bearer(cached.mint("alice", 600)), b"\x89PNG" + b"0" * 64
+                )
+            sent = await op(
+                alice,
+                rt.ClientFrame(
+                    send_message=rt.SendMessage(
+                        client_op_id="s-1",
+                        thread_id=thread_id,
+                        text="first",
+                        attachment_ids=[file_id],
+                    )
+                ),
+            )
             m = sent.confirmed.message
+            assert len(m.attachments) == 1
             writes = [
                 edit_op("e-1", m, "first, edited", 1),
                 edit_op("e-2", m, "first, edited twice", 2),
@@ -156,6 +173,9 @@ async def test_replay_through_the_message_cache_equals_replay_from_the_database(
                 if step < len(writes):
                     result = await op(alice, writes[step])
                     assert result.WhichOneof("outcome") == "confirmed", result
+                    # An edit keeps the files; a delete releases them.
+                    kept = 0 if writes[step].operation.kind == rt.OPERATION_KIND_DELETE else 1
+                    assert len(result.confirmed.message.attachments) == kept
             assert lookups(cached, "messages", "hit") > 0
             assert lookups(plain, "messages", "hit") == 0
             assert welcome.user_id == "alice"

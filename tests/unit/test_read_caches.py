@@ -105,3 +105,14 @@ def test_size_zero_disables_and_lru_and_ttl_bound_entries():
     short.put("t1", ["alice"])
     time.sleep(0.1)
     assert short.get("t1") is None
+
+
+def test_unknown_threads_are_not_cached_and_clear_forgets_everything():
+    cache = MembershipCache(ON, lambda _n, _h: None)
+    cache.fill("made-up", [], cache.generation)  # no such thread
+    assert len(cache) == 0
+    cache.put("t1", ["alice"])
+    generation = cache.generation
+    cache.clear()  # a write whose COMMIT failed: anything may have changed
+    cache.fill("t1", ["alice", "bob"], generation)  # a read from before the clear
+    assert cache.get("t1") is None and len(cache) == 0

@@ -8,6 +8,7 @@ finish out of order therefore never leave peers with the wrong state.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,7 @@ class PresenceTracker:
         self._last_active: dict[str, float] = {}
         self._offline_timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     def connected(self, user_id: str) -> None:
         """A stream of the user opened."""
@@ -54,7 +56,7 @@ class PresenceTracker:
     def disconnected(self, user_id: str, last_active_at: float) -> None:
         """A stream of the user closed; offline once the last one has been gone `grace_s`."""
         self._last_active[user_id] = max(self._last_active.get(user_id, 0.0), last_active_at)
-        if self._is_online(user_id) or user_id in self._offline_timers:
+        if self._closed or self._is_online(user_id) or user_id in self._offline_timers:
             return
         loop = asyncio.get_running_loop()
         self._offline_timers[user_id] = loop.call_later(self._grace, self._went_offline, user_id)
@@ -67,8 +69,13 @@ class PresenceTracker:
         ]
 
     async def snapshot(self, user_id: str) -> list[PresenceState]:
-        """The online peers of a user who just connected."""
-        return self.online_now(await self._peers(user_id))
+        """The online peers of a user who just connected (none if they cannot be looked up:
+        presence is advisory and must never end a stream)."""
+        try:
+            return self.online_now(await self._peers(user_id))
+        except Exception as exc:
+            logger.warning("presence snapshot failed for %s: %s", user_id, type(exc).__name__)
+            return []
 
     def _went_offline(self, user_id: str) -> None:
         self._offline_timers.pop(user_id, None)
@@ -78,7 +85,13 @@ class PresenceTracker:
         self._spawn(user_id, self._last_active.pop(user_id, time.time()))
 
     def _spawn(self, user_id: str, last_active_at: float | None = None) -> None:
-        task = asyncio.create_task(self._announce(user_id, last_active_at))
+        if self._closed:
+            return
+        # A fresh context: the stream that triggered this is gone; its request ids must not
+        # label the announcement's log lines.
+        task = asyncio.create_task(
+            self._announce(user_id, last_active_at), context=contextvars.Context()
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -87,6 +100,9 @@ class PresenceTracker:
             peers = await self._peers(user_id)
         except Exception as exc:  # presence is advisory: a failed lookup must not end anything
             logger.warning("presence lookup failed for %s: %s", user_id, type(exc).__name__)
+            if not self._closed:  # try again later, so peers are not left with a wrong state
+                loop = asyncio.get_running_loop()
+                loop.call_later(self._grace or 1.0, self._spawn, user_id, last_active_at)
             return
         online = user_id in self._online
         if (user_id in self._announced) == online:
@@ -104,8 +120,12 @@ class PresenceTracker:
         self._publish([Event(0, EventKind.PRESENCE, "", 0, 0, user_id, now, state, recipients)])
 
     async def close(self) -> None:
+        """Stops announcing (before the database closes); waits for lookups in flight."""
+        self._closed = True
         for timer in self._offline_timers.values():
             timer.cancel()
         self._offline_timers.clear()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -8,6 +8,8 @@ Why a cached read is never older than an acknowledged write:
   exactly that version hits. An entry can be superseded, never wrong.
 * A membership fill after a read miss is dropped when any membership changed since the read
   began (a generation counter): a read that raced a write cannot put the old list back.
+* A write that fails at COMMIT may have committed without its after-commit step: memberships
+  are then forgotten altogether (Database.on_unknown_outcome).
 
 Multi-node deployments need the same events on every node (the broker's job) to keep these
 caches exact; see docs/architecture.md.
@@ -105,13 +107,16 @@ class MembershipCache:
         return cached  # type: ignore[return-value]
 
     def fill(self, thread_id: str, members: Iterable[str], generation: int) -> None:
-        """After a read miss, unless a membership changed since `generation` was taken."""
+        """After a read miss, unless a membership changed since `generation` was taken. No
+        members means no such thread: not kept, so probing made-up ids evicts nothing."""
+        members = frozenset(members)
         if (
             self._entries is not None
             and self._policy.update_on_read
+            and members
             and generation == self._generation
         ):
-            self._entries[thread_id] = frozenset(members)
+            self._entries[thread_id] = members
 
     def put(self, thread_id: str, members: Iterable[str]) -> None:
         self._generation += 1
@@ -122,6 +127,12 @@ class MembershipCache:
         self._generation += 1
         if self._entries is not None:
             self._entries.pop(thread_id, None)
+
+    def clear(self) -> None:
+        """Forget everything (a write whose outcome is unknown may have changed anything)."""
+        self._generation += 1
+        if self._entries is not None:
+            self._entries.clear()
 
     def __len__(self) -> int:
         return 0 if self._entries is None else len(self._entries)

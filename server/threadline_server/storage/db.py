@@ -79,6 +79,7 @@ class Database:
         self.query_timeout_s = query_timeout_s
         self.slow_query_s = slow_query_s
         self.write_lock = asyncio.Lock()
+        self._unknown_outcome_hooks: list[Callable[[], None]] = []
         kwargs: dict[str, Any] = {}
         if self.is_sqlite:
             if parsed.database:
@@ -143,6 +144,7 @@ class Database:
         """
         previous = _caller.get()
         _caller.set(_opener())
+        committing = False
         try:
             async with self.write_lock:
                 tx = WriteTx()
@@ -152,10 +154,22 @@ class Database:
                     async with conn.begin():
                         tx.conn = conn
                         yield tx
+                        committing = True  # leaving begin() commits
                 for callback in tx.callbacks:
                     callback()
+        except BaseException:
+            if committing:
+                # COMMIT failed or its outcome is unknown (a dropped connection): it may have
+                # happened without its after-commit step. Whoever mirrors writes must forget.
+                for hook in self._unknown_outcome_hooks:
+                    hook()
+            raise
         finally:
             _caller.set(previous)
+
+    def on_unknown_outcome(self, hook: Callable[[], None]) -> None:
+        """`hook` runs when a write transaction fails at or after COMMIT."""
+        self._unknown_outcome_hooks.append(hook)
 
     def pool_in_use(self) -> int:
         """Connections checked out of the pool now (for the metrics)."""

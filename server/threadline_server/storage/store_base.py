@@ -46,6 +46,7 @@ class StoreBase:
         self._db = db
         self._publish = publish
         self.caches = caches if caches is not None else ReadCaches.disabled()
+        db.on_unknown_outcome(self.caches.memberships.clear)
         self._inflight: set[asyncio.Future[Any]] = set()
 
     async def drain(self) -> None:

@@ -273,7 +273,9 @@ class MessageStore(ThreadStore):
                 raise FailedPrecondition(
                     "RESOURCE_DELETED", "the message was deleted", subject=message_id
                 )
-            current = message_from_row(row)
+            # An edit keeps the message's files: its event, result and cached copy carry them.
+            files = (await attachments_for(conn, [message_id])).get(message_id, ())
+            current = replace(message_from_row(row), attachments=files)
             now = _now()
             if text is not None and base_version and base_version != row.version:
                 base = await message_at(conn, message_id, base_version)
@@ -302,6 +304,7 @@ class MessageStore(ThreadStore):
                 deleted=deleted,
                 version=row.version + 1,
                 updated_at=now,
+                attachments=() if deleted else current.attachments,
             )
             seq = await self._next_change_seqs(conn, 1)
             kind = EventKind.MESSAGE_DELETED if deleted else EventKind.MESSAGE_UPDATED

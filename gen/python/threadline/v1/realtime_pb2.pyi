@@ -805,7 +805,7 @@ class PresenceState(_message.Message):
     """
     @_builtins.property
     def last_active_time(self) -> _timestamp_pb2.Timestamp:
-        """When the user was last active (the last frame from any of their streams)."""
+        """Online: when the user came online. Offline: the last frame from any of their streams."""
 
     def __init__(
         self,
