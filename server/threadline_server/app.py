@@ -43,13 +43,10 @@ from threadline_server.storage.uploads import SqlUploadStore
 from threadline_server.transport import codec
 from threadline_server.transport.admin import AdminServicer
 from threadline_server.transport.blob_http import LocalBlobHttp
+from threadline_server.transport.dispatcher import FrameDispatcher
 from threadline_server.transport.guard import Authenticator
 from threadline_server.transport.http import SideHttp
-from threadline_server.transport.realtime import (
-    FrameDispatcher,
-    RealtimeServicer,
-    add_realtime_servicer,
-)
+from threadline_server.transport.realtime import RealtimeServicer, add_realtime_servicer
 from threadline_server.transport.servicers import ThreadServicer, UploadServicer, UserServicer
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,234 @@
+"""One client frame to its answer: the dispatcher shared by Connect, Subscribe and Submit."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from threadline.v1 import errors_pb2
+from threadline.v1 import realtime_pb2 as rt
+from threadline_server.domain.limits import RateLimiter
+from threadline_server.domain.messages import Messaging
+from threadline_server.domain.models import Principal
+from threadline_server.domain.ports import Store
+from threadline_server.domain.threads import Threads
+from threadline_server.errors import (
+    DomainError,
+    InvalidArgument,
+    MergeConflict,
+    NotFound,
+    NotImplementedYet,
+    ProtocolViolation,
+    RateLimited,
+)
+from threadline_server.observability import Metrics
+from threadline_server.realtime.session import StreamSession
+from threadline_server.realtime.typing import TypingTracker
+from threadline_server.transport import codec
+from threadline_server.transport.guard import Authenticator
+from threadline_server.transport.status import to_status
+
+_CREATE, _UPDATE, _DELETE = 1, 2, 3
+
+
+class FrameDispatcher:
+    """Handles one client frame for a principal; the same code serves Connect and Submit."""
+
+    def __init__(
+        self,
+        auth: Authenticator,
+        store: Store,
+        threads: Threads,
+        messaging: Messaging,
+        typing: TypingTracker,
+        limiter: RateLimiter,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.auth = auth
+        self.store = store
+        self.threads = threads
+        self.messaging = messaging
+        self.typing = typing
+        self.limiter = limiter
+        self.metrics = metrics
+
+    async def handle(
+        self, principal: Principal, session: StreamSession | None, frame: rt.ClientFrame
+    ) -> rt.ServerFrame | None:
+        kind = frame.WhichOneof("kind")
+        rid = frame.request_id
+        if kind == "ping":
+            return rt.ServerFrame(
+                request_id=rid,
+                pong=rt.Pong(
+                    client_time=frame.ping.client_time, server_time=codec.ts_epoch(time.time())
+                ),
+            )
+        if kind == "send_message":
+            return rt.ServerFrame(
+                request_id=rid, operation_result=await self._send(principal, frame)
+            )
+        if kind == "operation":
+            return rt.ServerFrame(
+                request_id=rid, operation_result=await self._operation(principal, frame.operation)
+            )
+        if kind == "ack":
+            return None
+        if kind == "typing":
+            members = await self.store.thread_members(frame.typing.thread_id)
+            if principal.user_id not in members:
+                raise NotFound("thread", frame.typing.thread_id)
+            self.typing.signal(
+                frame.typing.thread_id, principal.user_id, frame.typing.active, members
+            )
+            return None
+        if kind == "refresh_auth":
+            if session is None:
+                raise ProtocolViolation("refresh_auth needs a session_id")
+            fresh = await self.auth.verify_refresh(session.principal, frame.refresh_auth.token)
+            session.refresh(fresh)
+            return rt.ServerFrame(
+                request_id=rid,
+                auth_refreshed=rt.AuthRefreshed(token_expire_time=codec.ts_epoch(fresh.expires_at)),
+            )
+        if kind == "hello":
+            raise ProtocolViolation("hello is only allowed as the first frame")
+        raise ProtocolViolation("empty frame")
+
+    async def _send(self, principal: Principal, frame: rt.ClientFrame) -> rt.OperationResult:
+        m = frame.send_message
+        try:
+            self.limiter.check(principal.user_id)
+            outcome = await self.messaging.send(
+                principal.user_id,
+                client_op_id=m.client_op_id,
+                thread_id=m.thread_id,
+                text=m.text,
+                attachment_ids=list(m.attachment_ids),
+                field_prefix="send_message.",
+            )
+        except DomainError as exc:
+            return self._rejected(m.client_op_id, exc)
+        return rt.OperationResult(
+            client_op_id=m.client_op_id,
+            confirmed=codec.snapshot(outcome.message),
+            change_seq=outcome.change_seq,
+            replayed=outcome.replayed,
+        )
+
+    async def _operation(self, principal: Principal, op: rt.Operation) -> rt.OperationResult:
+        user = principal.user_id
+        try:
+            self.limiter.check(user)
+            resource = op.WhichOneof("resource")
+            if resource == "message" and op.kind == _CREATE:
+                outcome = await self.messaging.send(
+                    user,
+                    client_op_id=op.client_op_id,
+                    thread_id=op.message.thread_id,
+                    text=op.message.text,
+                    attachment_ids=[a.upload_id for a in op.message.attachments],
+                    field_prefix="operation.message.",
+                )
+                return rt.OperationResult(
+                    client_op_id=op.client_op_id,
+                    confirmed=codec.snapshot(outcome.message),
+                    change_seq=outcome.change_seq,
+                    replayed=outcome.replayed,
+                )
+            if resource == "message" and op.kind in (_UPDATE, _DELETE):
+                if op.kind == _UPDATE:
+                    if set(op.update_mask.paths) - {"text"}:
+                        raise InvalidArgument.one(
+                            "operation.update_mask", "only `text` of a message can change"
+                        )
+                    outcome = await self.messaging.edit(
+                        user,
+                        client_op_id=op.client_op_id,
+                        message_id=op.message.id,
+                        text=op.message.text,
+                        base_version=op.base_version,
+                        field_prefix="operation.",
+                    )
+                else:
+                    outcome = await self.messaging.delete(
+                        user,
+                        client_op_id=op.client_op_id,
+                        message_id=op.message.id,
+                        field_prefix="operation.",
+                    )
+                return rt.OperationResult(
+                    client_op_id=op.client_op_id,
+                    confirmed=codec.snapshot(outcome.message),
+                    change_seq=outcome.change_seq,
+                    replayed=outcome.replayed,
+                )
+            if resource == "thread":
+                t = op.thread
+                if op.kind == _CREATE:
+                    thread = await self.threads.create(
+                        user,
+                        title=t.title,
+                        description=t.description,
+                        tags=list(t.tags),
+                        participant_ids=list(t.participant_ids),
+                        client_op_id=op.client_op_id,
+                    )
+                    return _confirmed(op.client_op_id, codec.snapshot(thread))
+                if op.kind == _UPDATE:
+                    paths = set(op.update_mask.paths)
+                    if paths == {"archived"}:
+                        thread = await self.threads.set_archived(
+                            user, t.id, t.archived, op.client_op_id
+                        )
+                    else:
+                        values = {p: _thread_field(t, p) for p in paths}
+                        thread = await self.threads.merge_update(
+                            user,
+                            t.id,
+                            values,
+                            base_version=op.base_version,
+                            client_op_id=op.client_op_id,
+                        )
+                    return _confirmed(op.client_op_id, codec.snapshot(thread))
+                if op.kind == _DELETE:
+                    await self.threads.delete(user, t.id, op.client_op_id)
+                    return _confirmed(op.client_op_id, errors_pb2.ResourceSnapshot())
+            if resource == "read_marker" and op.kind == _UPDATE:
+                marker = await self.threads.mark_read(
+                    user, op.read_marker.thread_id, op.read_marker.read_seq
+                )
+                return _confirmed(op.client_op_id, codec.snapshot(marker))
+            raise NotImplementedYet("this operation is not supported yet")
+        except MergeConflict as conflict:
+            return rt.OperationResult(
+                client_op_id=op.client_op_id,
+                conflict=errors_pb2.Conflict(
+                    base=codec.snapshot(conflict.base),  # type: ignore[arg-type]
+                    server=codec.snapshot(conflict.server),  # type: ignore[arg-type]
+                    client=codec.snapshot(conflict.client),  # type: ignore[arg-type]
+                    server_version=conflict.server_version,
+                    fields=conflict.fields,
+                ),
+            )
+        except DomainError as exc:
+            return self._rejected(op.client_op_id, exc)
+
+    def _rejected(self, op_id: str, exc: DomainError) -> rt.OperationResult:
+        if self.metrics is not None:
+            self.metrics.errors.labels(exc.code).inc()
+            if isinstance(exc, RateLimited):
+                self.metrics.rate_limited.inc()
+        return rt.OperationResult(client_op_id=op_id, rejected=to_status(exc))
+
+
+def _thread_field(t: Any, path: str) -> Any:
+    if path == "tags":
+        return list(t.tags)
+    if path in ("title", "description", "archived"):
+        return getattr(t, path)
+    return None
+
+
+def _confirmed(op_id: str, snapshot: Any) -> rt.OperationResult:
+    return rt.OperationResult(client_op_id=op_id, confirmed=snapshot)
