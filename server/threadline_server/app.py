@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,7 @@ class Endpoints:
     issuer: str
 
 
+_INDEX_STATS_EVERY_S = 30.0
 _COMPRESS_LEVEL_LOW = 1  # grpc_compression_level GRPC_COMPRESS_LEVEL_LOW
 
 
@@ -126,6 +128,7 @@ class ThreadlineServer:
         self.realtime: RealtimeServicer | None = None
         self.endpoints: Endpoints | None = None
         self._background: list[asyncio.Task[None]] = []
+        self._index_stats_at = -_INDEX_STATS_EVERY_S
         self.blobs: BlobStore | None = None
 
     async def start(self) -> Endpoints:
@@ -143,7 +146,7 @@ class ThreadlineServer:
         if isinstance(self.blobs, LocalBlobStore):
             routes = LocalBlobHttp(self.blobs).add_routes
         jwks = (lambda: self._jwks()) if s.auth.mode == "embedded" else None
-        self.http = SideHttp(s.server.host, s.server.http_port, jwks, routes, self.metrics.render)
+        self.http = SideHttp(s.server.host, s.server.http_port, jwks, routes, self._metrics_page)
         http_port = await self.http.start()
         self.uploads = Uploads(SqlUploadStore(self.db), self.blobs, s.storage)
         if s.auth.mode == "embedded":
@@ -254,6 +257,21 @@ class ThreadlineServer:
     def _observe_batch(self, size: int) -> None:
         self.metrics.commit_batch.observe(size)
         self.metrics.messages_in.inc(size)
+
+    async def _metrics_page(self) -> bytes:
+        """The Prometheus page, with index use refreshed from the database at most every
+        `_INDEX_STATS_EVERY_S` (scrapers may call often; the figures move slowly)."""
+        now = time.monotonic()
+        if now - self._index_stats_at >= _INDEX_STATS_EVERY_S:
+            self._index_stats_at = now
+            try:
+                _backend, stats = await self.store.index_usage()
+            except Exception as exc:  # the rest of the page is still worth serving
+                logger.warning("index statistics unavailable: %s", type(exc).__name__)
+            else:
+                for stat in stats:
+                    self.metrics.index_scans.labels(stat.table, stat.index).set(stat.scans)
+        return self.metrics.render()
 
     def _jwks(self) -> dict[str, Any]:
         assert self.issuer is not None

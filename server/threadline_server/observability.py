@@ -60,6 +60,12 @@ class Metrics:
             registry=r,
         )
 
+        self.index_scans = Gauge(
+            "threadline_index_scans",
+            "Scans per index since statistics were reset (PostgreSQL pg_stat_user_indexes).",
+            ["table", "index"],
+            registry=r,
+        )
         self.pool_in_use = Gauge(
             "threadline_db_pool_in_use", "Database connections checked out now.", registry=r
         )

@@ -52,6 +52,10 @@ async def test_metrics_count_streams_messages_and_errors(server, channel, token)
     assert 'threadline_cache_lookups_total{cache="users",result="hit"}' in text
     assert 'threadline_cache_hit_ratio{cache="users"}' in text
     assert sample(text, "threadline_db_pool_in_use") >= 0
+    if server.db.dialect == "postgresql":  # index use from pg_stat_user_indexes
+        assert 'threadline_index_scans{index="ix_thread_members_user",table="thread_members"}' in (
+            text
+        )
     assert 'threadline_errors_total{code="INVALID_ARGUMENT"} 1.0' in text
     assert 'threadline_errors_total{code="NOT_FOUND"} 1.0' in text
     assert "threadline_fanout_seconds_bucket" in text

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -17,7 +17,7 @@ class SideHttp:
         port: int,
         jwks: Callable[[], dict[str, Any]] | None,
         routes: Callable[[web.UrlDispatcher], None] | None = None,
-        metrics: Callable[[], bytes] | None = None,
+        metrics: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -39,7 +39,7 @@ class SideHttp:
 
             async def serve_metrics(_request: web.Request) -> web.Response:
                 return web.Response(
-                    body=render(),
+                    body=await render(),
                     content_type="text/plain",
                     charset="utf-8",
                     headers={"X-Content-Type-Options": "nosniff"},
