@@ -25,7 +25,7 @@ def grpcurl(*args: str) -> str:
 
 @pytest.fixture
 def proc(tmp_path, db_url):
-    p = ServerProcess(tmp_path / "data", db_url)
+    p = ServerProcess(tmp_path / "data", db_url, THREADLINE_AUTH__ADMIN_USERS='["ops"]')
     p.start()
     yield p
     p.stop()
@@ -38,6 +38,7 @@ def test_grpcurl_lists_checks_health_creates_and_lists(proc):
         "threadline.v1.RealtimeService",
         "threadline.v1.UserService",
         "threadline.v1.UploadService",
+        "threadline.v1.AdminService",
         "grpc.health.v1.Health",
     } <= set(services)
     health = json.loads(grpcurl(proc.target, "grpc.health.v1.Health/Check"))
@@ -60,3 +61,19 @@ def test_grpcurl_lists_checks_health_creates_and_lists(proc):
         timeout=30,
     )
     assert bad.returncode != 0 and "Unauthenticated" in bad.stderr
+
+
+def test_grpcurl_operator_views(proc):
+    ops = ["-H", f"authorization: Bearer {proc.cli('token', 'ops')}"]
+    listed = json.loads(grpcurl(*ops, proc.target, "threadline.v1.AdminService/ListConnections"))
+    assert listed.get("connections", []) == []  # nobody streams yet
+    usage = json.loads(grpcurl(*ops, proc.target, "threadline.v1.AdminService/GetIndexUsage"))
+    assert usage["backend"] in ("sqlite", "postgresql")
+    alice = ["-H", f"authorization: Bearer {proc.cli('token', 'alice')}"]
+    refused = subprocess.run(
+        [GRPCURL, "-plaintext", *alice, proc.target, "threadline.v1.AdminService/ListConnections"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode != 0 and "PermissionDenied" in refused.stderr
