@@ -203,6 +203,7 @@ class ThreadlineServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.endpoints = Endpoints(port, http_port, issuer)
         self._background = [
+            asyncio.create_task(self.realtime.watch_forever(), name="stream-watchdog"),
             asyncio.create_task(self._prune_forever(), name="pruner"),
             asyncio.create_task(self._sweep_forever(), name="upload-sweeper"),
         ]

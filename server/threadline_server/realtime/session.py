@@ -64,6 +64,9 @@ class StreamSession:
         self._max_frames = max_frames
         self.closing: Close | None = None
         self.overflow: tuple[DomainError, bytes] | None = None
+        # Set once catch-up is done and live writing starts: only then do the idle and token
+        # checks apply (a long replay reads nothing from the client).
+        self.watched = False
 
     def deliver(self, frame: EventBytes) -> None:
         """Called by the broker; never blocks the publisher."""
