@@ -46,13 +46,15 @@ async def test_online_then_offline_after_the_grace_and_no_flicker_on_reconnect()
     tracker = world.tracker()
     world.connected.add("alice")
     tracker.connected("alice")
-    await settle()
-    assert world.published[-1] == ("alice", True, frozenset({"bob"}))
+    assert world.published == []  # announced once her stream has caught up...
+    assert [p.user_id for p in await tracker.snapshot("alice")] == ["bob"]
+    assert world.published[-1] == ("alice", True, frozenset({"bob"}))  # ...by its snapshot
 
     world.connected.discard("alice")  # a blip: gone and back within the grace
     tracker.disconnected("alice", 0.0)
     world.connected.add("alice")
     tracker.connected("alice")
+    await tracker.snapshot("alice")
     await settle()
     assert len([p for p in world.published if p[0] == "alice"]) == 1
 
@@ -67,10 +69,10 @@ async def test_a_failing_lookup_never_raises_and_is_retried():
     world = World()
     tracker = world.tracker()
     world.failures = 2
-    assert await tracker.snapshot("alice") == []  # advisory: the stream goes on
     world.connected.add("alice")
     tracker.connected("alice")
-    await settle(GRACE * 6)
+    assert await tracker.snapshot("alice") == []  # advisory: the stream goes on
+    await settle(GRACE * 6)  # the announcement fails once more, then is retried
     assert ("alice", True, frozenset({"bob"})) in world.published
     await tracker.close()
 
@@ -80,7 +82,7 @@ async def test_nothing_is_announced_after_close():
     tracker = world.tracker()
     world.connected.add("alice")
     tracker.connected("alice")
-    await settle()
+    await tracker.snapshot("alice")
     await tracker.close()
     before = list(world.published)
     world.connected.discard("alice")

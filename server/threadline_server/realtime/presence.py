@@ -38,9 +38,11 @@ class PresenceTracker:
         self._grace = grace_s
         self._online: set[str] = set()
         self._announced: set[str] = set()  # told peers they are online
+        self._due: set[str] = set()  # came online; announced by their stream's snapshot
         self._last_active: dict[str, float] = {}
         self._offline_timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._lookups: set[asyncio.Task[frozenset[str]]] = set()
         self._closed = False
 
     def connected(self, user_id: str) -> None:
@@ -51,7 +53,9 @@ class PresenceTracker:
             timer.cancel()  # back within the grace period: peers never saw them leave
         if user_id not in self._online:
             self._online.add(user_id)
-            self._spawn(user_id)
+            # Announced once this stream has caught up, by its snapshot, which looks up the
+            # same peers: one query per connect rather than two (reconnect storms).
+            self._due.add(user_id)
 
     def disconnected(self, user_id: str, last_active_at: float) -> None:
         """A stream of the user closed; offline once the last one has been gone `grace_s`."""
@@ -69,19 +73,28 @@ class PresenceTracker:
         ]
 
     async def snapshot(self, user_id: str) -> list[PresenceState]:
-        """The online peers of a user who just connected (none if they cannot be looked up:
-        presence is advisory and must never end a stream)."""
+        """The online peers of a user whose stream has caught up, and the user's own online
+        announcement if due. None if they cannot be looked up: presence is advisory and must
+        never end a stream (the announcement then goes on its own, with retries)."""
         try:
-            return self.online_now(await self._peers(user_id))
+            peers = await self._lookup(user_id)
         except Exception as exc:
             logger.warning("presence snapshot failed for %s: %s", user_id, type(exc).__name__)
+            if user_id in self._due:
+                self._due.discard(user_id)
+                self._spawn(user_id)
             return []
+        if user_id in self._due:
+            self._due.discard(user_id)
+            self._settle(user_id, peers, None)
+        return self.online_now(peers)
 
     def _went_offline(self, user_id: str) -> None:
         self._offline_timers.pop(user_id, None)
         if self._is_online(user_id):
             return
         self._online.discard(user_id)
+        self._due.discard(user_id)  # never announced online: nothing to take back
         self._spawn(user_id, self._last_active.pop(user_id, time.time()))
 
     def _spawn(self, user_id: str, last_active_at: float | None = None) -> None:
@@ -95,14 +108,29 @@ class PresenceTracker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _lookup(self, user_id: str) -> frozenset[str]:
+        """The peer query, run to completion even if its caller is cancelled (a client hanging
+        up mid-snapshot): a database read cut off half-way leaves its connection to be torn
+        down later, possibly after the engine is gone. `close` waits for these."""
+        task = asyncio.ensure_future(self._peers(user_id))
+        self._lookups.add(task)
+        task.add_done_callback(self._lookups.discard)
+        return await asyncio.shield(task)
+
     async def _announce(self, user_id: str, last_active_at: float | None) -> None:
         try:
-            peers = await self._peers(user_id)
+            peers = await self._lookup(user_id)
         except Exception as exc:  # presence is advisory: a failed lookup must not end anything
             logger.warning("presence lookup failed for %s: %s", user_id, type(exc).__name__)
             if not self._closed:  # try again later, so peers are not left with a wrong state
                 loop = asyncio.get_running_loop()
                 loop.call_later(self._grace or 1.0, self._spawn, user_id, last_active_at)
+            return
+        self._settle(user_id, peers, last_active_at)
+
+    def _settle(self, user_id: str, peers: frozenset[str], last_active_at: float | None) -> None:
+        """Publishes the user's current state to its online peers, unless already announced."""
+        if self._closed:
             return
         online = user_id in self._online
         if (user_id in self._announced) == online:
@@ -120,7 +148,7 @@ class PresenceTracker:
         self._publish([Event(0, EventKind.PRESENCE, "", 0, 0, user_id, now, state, recipients)])
 
     async def close(self) -> None:
-        """Stops announcing (before the database closes); waits for lookups in flight."""
+        """Stops announcing (before the database closes); lets lookups in flight finish."""
         self._closed = True
         for timer in self._offline_timers.values():
             timer.cancel()
@@ -128,4 +156,4 @@ class PresenceTracker:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *self._lookups, return_exceptions=True)
