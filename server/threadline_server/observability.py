@@ -78,15 +78,21 @@ class Metrics:
         self.cache_hit_ratio = Gauge(
             "threadline_cache_hit_ratio", "Hits over lookups since start.", ["cache"], registry=r
         )
-        self._lookups: dict[str, list[int]] = {}
 
     def cache_lookup(self, cache: str, hit: bool) -> None:
         self.cache_lookups.labels(cache, "hit" if hit else "miss").inc()
-        counts = self._lookups.setdefault(cache, [0, 0])
-        counts[0 if hit else 1] += 1
-        self.cache_hit_ratio.labels(cache).set(counts[0] / (counts[0] + counts[1]))
 
     def render(self) -> bytes:
+        # The hit ratio is derived from the lookup counters at scrape time, not per lookup.
+        counts: dict[str, dict[str, float]] = {}
+        for metric in self.cache_lookups.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    by_result = counts.setdefault(sample.labels["cache"], {})
+                    by_result[sample.labels["result"]] = sample.value
+        for cache, by_result in counts.items():
+            total = sum(by_result.values())
+            self.cache_hit_ratio.labels(cache).set(by_result.get("hit", 0.0) / total)
         return generate_latest(self.registry)
 
 

@@ -53,6 +53,7 @@ class Authenticator:
             if k == "authorization"
         ]
         principal = await self.verifier.verify_authorization(values)
+        bind_log_context(user=principal.user_id)  # every later log line of the call names them
         await self.remember(principal)
         return principal
 
@@ -77,16 +78,14 @@ _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
-def bind_request(context: grpc.aio.ServicerContext[Any, Any], rpc: str) -> str:
+def bind_request(context: grpc.aio.ServicerContext[Any, Any], rpc: str) -> None:
     """Names the call in every log line it causes: the caller's `x-request-id` if it sent a
     sane one (so logs join up across services), else a new id."""
     request_id = ""
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.match(value):
             request_id = value
-    request_id = request_id or uuid.uuid4().hex[:16]
-    bind_log_context(request_id=request_id, rpc=rpc)
-    return request_id
+    bind_log_context(request_id=request_id or uuid.uuid4().hex[:16], rpc=rpc)
 
 
 async def abort(
@@ -126,7 +125,6 @@ def _wrap_unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[An
         bind_request(context, fn.__name__)
         try:
             principal = await self.auth.authenticate(context)
-            bind_log_context(user=principal.user_id)
             response = await fn(self, request, context, principal)
             threshold = getattr(self, "compression_threshold", DEFAULT_THRESHOLD)
             send_plain_if_small(context, response.ByteSize(), threshold)
@@ -146,7 +144,6 @@ def _wrap_stream(fn: Callable[..., Any]) -> Callable[..., Any]:
         bind_request(context, fn.__name__)
         try:
             principal = await self.auth.authenticate(context)
-            bind_log_context(user=principal.user_id)
             threshold = getattr(self, "compression_threshold", DEFAULT_THRESHOLD)
             async for item in fn(self, request, context, principal):
                 send_plain_if_small(context, item.ByteSize(), threshold)

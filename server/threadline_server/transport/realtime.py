@@ -76,7 +76,6 @@ class RealtimeServicer:
         bind_request(context, "Connect")
         try:
             principal = await self.auth.authenticate(context)
-            bind_log_context(user=principal.user_id)
             first = await self._first_frame(request_iterator)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -91,7 +90,6 @@ class RealtimeServicer:
         bind_request(context, "Subscribe")
         try:
             principal = await self.auth.authenticate(context)
-            bind_log_context(user=principal.user_id)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:  # the boundary
@@ -105,7 +103,6 @@ class RealtimeServicer:
         bind_request(context, "Submit")
         try:
             principal = await self.auth.authenticate(context)
-            bind_log_context(user=principal.user_id)
             session = None
             if request.session_id:
                 session = self.broker.session(request.session_id)
