@@ -28,8 +28,8 @@ from threadline.v1 import (
 from threadline_server.auth import EmbeddedIssuer, TokenVerifier
 from threadline_server.blobs import create_blob_store
 from threadline_server.blobs.local import LocalBlobStore
-from threadline_server.config import CacheEntry, Settings
-from threadline_server.domain.limits import RateLimiter
+from threadline_server.config import CacheEntry, LimitsSettings, Settings
+from threadline_server.domain.limits import Budget, Rate, RateLimits
 from threadline_server.domain.messages import GroupCommitter, Messaging
 from threadline_server.domain.threads import Threads
 from threadline_server.domain.uploads import BlobStore, SweepResult, Uploads
@@ -78,6 +78,24 @@ def _policy(entry: CacheEntry) -> CachePolicy:
     return CachePolicy(entry.max_size, entry.ttl_s, entry.update_on_read)
 
 
+def _rates(limits: LimitsSettings) -> dict[Budget, Rate]:
+    """Each budget's rate from its settings (config.py sits below the domain, so it cannot
+    name the budgets itself)."""
+    return {
+        # Message writes keep their original budget: bursts of a full minute's worth.
+        Budget.MESSAGES: Rate(limits.operations_per_minute, max(1, limits.operations_per_minute)),
+        Budget.THREAD_WRITES: Rate(limits.thread_writes_per_minute, limits.thread_writes_burst),
+        Budget.PARTICIPANT_CHANGES: Rate(
+            limits.participant_changes_per_minute, limits.participant_changes_burst
+        ),
+        Budget.UPLOADS: Rate(limits.uploads_per_minute, limits.uploads_burst),
+        Budget.READ_MARKERS: Rate(limits.read_markers_per_minute, limits.read_markers_burst),
+        Budget.TYPING: Rate(limits.typing_per_minute, limits.typing_burst),
+        Budget.REFRESH_AUTH: Rate(limits.refresh_auth_per_minute, limits.refresh_auth_burst),
+        Budget.PREFERENCES: Rate(limits.preferences_per_minute, limits.preferences_burst),
+    }
+
+
 def embedded_issuer_url(settings: Settings, http_port: int) -> str:
     return settings.auth.issuer or f"http://{settings.server.host}:{http_port}"
 
@@ -90,6 +108,12 @@ class ThreadlineServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        # Every per-user budget. Built here, not in start(), so that a test can set
+        # `limits.clock` to a fake one before the first call and drive refills itself.
+        self.limits = RateLimits(
+            _rates(settings.limits),
+            on_refused=lambda budget: self.metrics.rate_limited.labels(budget).inc(),
+        )
         self.db = Database(
             settings.database_url,
             pool_size=settings.database.pool_size,
@@ -169,9 +193,15 @@ class ThreadlineServer:
         threads = Threads(self.store, s.limits)
         messaging = Messaging(self.committer, self.store, self.uploads, s.limits)
         self.committer.start()
-        limiter = RateLimiter(s.limits.operations_per_minute)
         dispatcher = FrameDispatcher(
-            auth, self.store, threads, messaging, self.typing, limiter, self.metrics
+            auth,
+            self.store,
+            threads,
+            messaging,
+            self.typing,
+            self.limits,
+            self.metrics,
+            max_pings_per_second=s.realtime.max_pings_per_second,
         )
         self.realtime = RealtimeServicer(
             s, auth, self.store, self.broker, dispatcher, self.typing, self.presence
@@ -179,9 +209,9 @@ class ThreadlineServer:
 
         server = grpc.aio.server(options=self._grpc_options())
         servicers = (
-            ThreadServicer(auth, threads),
-            UserServicer(auth, self.store, self.broker),
-            UploadServicer(auth, self.uploads),
+            ThreadServicer(auth, threads, self.limits),
+            UserServicer(auth, self.store, self.broker, self.limits),
+            UploadServicer(auth, self.uploads, self.limits),
             AdminServicer(auth, self.store, self.broker, s.auth.admin_users),
         )
         for servicer in servicers:
@@ -283,6 +313,15 @@ class ThreadlineServer:
         options = [
             ("grpc.max_receive_message_length", s.max_receive_message_bytes),
             ("grpc.max_send_message_length", s.max_send_message_bytes),
+            # gRPC refuses metadata between its soft limit (default 8 KiB) and its hard one
+            # (16 KiB) at random, in proportion to the size: an oversized token then got
+            # RESOURCE_EXHAUSTED on some calls and UNAUTHENTICATED on others. Both set to one
+            # value, every header list under it reaches the application (which refuses
+            # authorization over 8 KiB, UNAUTHENTICATED) and every one over it is refused.
+            # Clients need no option of their own: they check what they send against the
+            # SETTINGS_MAX_HEADER_LIST_SIZE this makes the server announce.
+            ("grpc.max_metadata_size", s.max_metadata_bytes),
+            ("grpc.absolute_max_metadata_size", s.max_metadata_bytes),
             ("grpc.max_concurrent_streams", s.max_concurrent_streams),
             ("grpc.server_handshake_timeout_ms", s.handshake_timeout_ms),
             ("grpc.max_connection_idle_ms", s.max_connection_idle_ms),

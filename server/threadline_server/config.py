@@ -33,6 +33,12 @@ class ServerSettings(BaseModel):
         262_144, description="Largest frame accepted (after decompression)."
     )
     max_send_message_bytes: int = Field(1_048_576, description="Largest frame sent.")
+    max_metadata_bytes: int = Field(
+        32_768,
+        ge=1024,
+        description="Largest request metadata (headers) accepted, as gRPC counts it; both of "
+        "gRPC's limits are set to it, so acceptance never depends on chance.",
+    )
     max_concurrent_streams: int = Field(100, description="HTTP/2 streams per connection.")
     keepalive_time_ms: int = Field(60_000, description="Server keepalive ping interval.")
     keepalive_timeout_ms: int = Field(20_000, description="Keepalive ping ack timeout.")
@@ -136,6 +142,12 @@ class RealtimeSettings(BaseModel):
     max_connections_per_user: int = Field(
         5, description="Live streams per user; the oldest is closed (REPLACED) beyond it."
     )
+    max_pings_per_second: float = Field(
+        2.0,
+        ge=0,
+        description="Ping frames answered per stream per second (bursts of one second's worth); "
+        "more are ignored, no Pong, counted in threadline_pings_dropped_total; 0 lifts it.",
+    )
     retention_s: int = Field(
         30 * 86_400, description="Change log kept for resume; older cursors get ResyncRequired."
     )
@@ -153,8 +165,86 @@ class LimitsSettings(BaseModel):
     max_attachments: int = Field(10, description="Attachments per message.")
     operations_per_minute: int = Field(
         60,
-        description="Stream writes (sends, edits, deletes, operations) per user per minute, "
+        ge=0,
+        description="Message writes (stream sends, edits, deletes) per user per minute, "
         "in bursts of up to that many; 0 lifts the limit.",
+    )
+    # The budgets below are per user (all of a user's connections share one), refill evenly
+    # and hold up to `_burst` tokens. Over budget a call is refused RESOURCE_EXHAUSTED
+    # (RATE_LIMITED, RetryInfo) and nothing is written; `_per_minute` 0 lifts a budget.
+    # docs/errors.md explains the chosen defaults.
+    thread_writes_per_minute: int = Field(
+        30,
+        ge=0,
+        description="Thread writes per user per minute: CreateThread, UpdateThread, Archive-, "
+        "Unarchive-, DeleteThread and the stream's thread operations; 0 lifts it.",
+    )
+    thread_writes_burst: int = Field(
+        10,
+        ge=1,
+        description="Thread writes allowed back to back, before the per-minute rate applies.",
+    )
+    participant_changes_per_minute: int = Field(
+        60,
+        ge=0,
+        description="AddParticipants and RemoveParticipants calls per user per minute; 0 lifts it.",
+    )
+    participant_changes_burst: int = Field(
+        20,
+        ge=1,
+        description="Participant changes allowed back to back, before the per-minute rate applies.",
+    )
+    uploads_per_minute: int = Field(
+        60,
+        ge=0,
+        description="CreateUpload and CompleteUpload calls per user per minute (a file takes "
+        "two); 0 lifts it.",
+    )
+    uploads_burst: int = Field(
+        20,
+        ge=1,
+        description="Upload calls allowed back to back, before the per-minute rate applies.",
+    )
+    read_markers_per_minute: int = Field(
+        120,
+        ge=0,
+        description="MarkRead calls and stream read_marker operations per user per minute; "
+        "0 lifts it.",
+    )
+    read_markers_burst: int = Field(
+        60,
+        ge=1,
+        description="Read markers allowed back to back, before the per-minute rate applies.",
+    )
+    typing_per_minute: int = Field(
+        60,
+        ge=0,
+        description="Typing frames per user per minute; over it a frame is dropped silently "
+        "(typing is advisory) and counted; 0 lifts it.",
+    )
+    typing_burst: int = Field(
+        10,
+        ge=1,
+        description="Typing frames allowed back to back, before the per-minute rate applies.",
+    )
+    refresh_auth_per_minute: int = Field(
+        10,
+        ge=0,
+        description="RefreshAuth frames per user per minute; over it the frame is answered "
+        "OperationResult.rejected and the stream goes on; 0 lifts it.",
+    )
+    refresh_auth_burst: int = Field(
+        5,
+        ge=1,
+        description="RefreshAuth frames allowed back to back, before the per-minute rate applies.",
+    )
+    preferences_per_minute: int = Field(
+        30, ge=0, description="UpdatePreferences calls per user per minute; 0 lifts it."
+    )
+    preferences_burst: int = Field(
+        10,
+        ge=1,
+        description="Preference updates allowed back to back, before the per-minute rate applies.",
     )
     compression_threshold_bytes: int = Field(10_240, description="Frames from this size: gzip.")
     idempotency_window_s: int = Field(

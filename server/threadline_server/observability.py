@@ -46,7 +46,15 @@ class Metrics:
             registry=r,
         )
         self.rate_limited = Counter(
-            "threadline_rate_limited", "Operations refused by the rate limit.", registry=r
+            "threadline_rate_limited",
+            "Calls, operations and frames refused by a per-user rate budget, by budget.",
+            ["budget"],
+            registry=r,
+        )
+        self.pings_dropped = Counter(
+            "threadline_pings_dropped",
+            "Ping frames over a stream's realtime.max_pings_per_second, ignored (no Pong).",
+            registry=r,
         )
         self.slow_consumers = Counter(
             "threadline_slow_consumers", "Streams closed for falling behind.", registry=r

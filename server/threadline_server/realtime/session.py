@@ -7,6 +7,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from threadline_server.domain.limits import TokenBucket
 from threadline_server.domain.models import Principal
 from threadline_server.errors import DomainError
 
@@ -67,6 +68,7 @@ class StreamSession:
         # Set once catch-up is done and live writing starts: only then do the idle and token
         # checks apply (a long replay reads nothing from the client).
         self.watched = False
+        self._pings: TokenBucket | None = None  # made by the first Ping (see ping_allowed)
 
     def deliver(self, frame: EventBytes) -> None:
         """Called by the broker; never blocks the publisher."""
@@ -102,6 +104,18 @@ class StreamSession:
 
     def refresh(self, principal: Principal) -> None:
         self.principal = principal
+
+    def ping_allowed(self, now: float, per_second: float) -> bool:
+        """Whether this stream's Ping at `now` may be answered: `per_second` a second, in bursts
+        of one second's worth (at least one). Per stream, not per user: a heartbeat is a
+        stream's own business, and one chatty tab must not silence another's. The rate comes
+        from the caller so that the transport, which owns the settings and the clock, decides.
+        """
+        if per_second <= 0:
+            return True
+        if self._pings is None:
+            self._pings = TokenBucket.full(max(1.0, per_second), per_second, now)
+        return self._pings.take(now) == 0.0
 
     async def next(self) -> bytes | Close:
         return await self._queue.get()

@@ -7,7 +7,7 @@ from typing import Any
 
 from threadline.v1 import errors_pb2
 from threadline.v1 import realtime_pb2 as rt
-from threadline_server.domain.limits import RateLimiter
+from threadline_server.domain.limits import Budget, RateLimits
 from threadline_server.domain.messages import Messaging
 from threadline_server.domain.models import Principal
 from threadline_server.domain.ports import Store
@@ -32,7 +32,12 @@ _CREATE, _UPDATE, _DELETE = 1, 2, 3
 
 
 class FrameDispatcher:
-    """Handles one client frame for a principal; the same code serves Connect and Submit."""
+    """Handles one client frame for a principal; the same code serves Connect and Submit.
+
+    Every frame that writes spends a token of its budget (see `_budget_of`) before any work, so
+    a refused one has changed nothing. Pings are capped per stream instead (`max_pings_per_second`;
+    0 lifts it) and cost no budget: a heartbeat must never crowd out a send.
+    """
 
     def __init__(
         self,
@@ -41,16 +46,18 @@ class FrameDispatcher:
         threads: Threads,
         messaging: Messaging,
         typing: TypingTracker,
-        limiter: RateLimiter,
+        limits: RateLimits,
         metrics: Metrics | None = None,
+        max_pings_per_second: float = 0.0,
     ) -> None:
         self.auth = auth
         self.store = store
         self.threads = threads
         self.messaging = messaging
         self.typing = typing
-        self.limiter = limiter
+        self.limits = limits
         self.metrics = metrics
+        self.max_pings_per_second = max_pings_per_second
 
     async def handle(
         self, principal: Principal, session: StreamSession | None, frame: rt.ClientFrame
@@ -58,6 +65,14 @@ class FrameDispatcher:
         kind = frame.WhichOneof("kind")
         rid = frame.request_id
         if kind == "ping":
+            if session is not None and not session.ping_allowed(
+                self.limits.clock(), self.max_pings_per_second
+            ):
+                # Ignored, not refused: an error frame per excess ping would be the very flood
+                # the cap is there to stop. A client pinging at its heartbeat never gets here.
+                if self.metrics is not None:
+                    self.metrics.pings_dropped.inc()
+                return None
             return rt.ServerFrame(
                 request_id=rid,
                 pong=rt.Pong(
@@ -75,6 +90,10 @@ class FrameDispatcher:
         if kind == "ack":
             return None
         if kind == "typing":
+            try:
+                self.limits.check(Budget.TYPING, principal.user_id)
+            except RateLimited:
+                return None  # advisory: dropped unanswered (the refusal is counted by budget)
             members = await self.store.thread_members(frame.typing.thread_id)
             if principal.user_id not in members:
                 raise NotFound("thread", frame.typing.thread_id)
@@ -85,6 +104,13 @@ class FrameDispatcher:
         if kind == "refresh_auth":
             if session is None:
                 raise ProtocolViolation("refresh_auth needs a session_id")
+            try:
+                self.limits.check(Budget.REFRESH_AUTH, principal.user_id)
+            except RateLimited as exc:
+                # Answered in band like a refused operation, not with a StreamError: the token
+                # the stream holds is still good, so the stream goes on and the client retries
+                # after RetryInfo.
+                return rt.ServerFrame(request_id=rid, operation_result=self._rejected("", exc))
             fresh = await self.auth.verify_refresh(session.principal, frame.refresh_auth.token)
             session.refresh(fresh)
             return rt.ServerFrame(
@@ -98,7 +124,7 @@ class FrameDispatcher:
     async def _send(self, principal: Principal, frame: rt.ClientFrame) -> rt.OperationResult:
         m = frame.send_message
         try:
-            self.limiter.check(principal.user_id)
+            self.limits.check(Budget.MESSAGES, principal.user_id)
             outcome = await self.messaging.send(
                 principal.user_id,
                 client_op_id=m.client_op_id,
@@ -119,7 +145,7 @@ class FrameDispatcher:
     async def _operation(self, principal: Principal, op: rt.Operation) -> rt.OperationResult:
         user = principal.user_id
         try:
-            self.limiter.check(user)
+            self.limits.check(_budget_of(op), user)
             resource = op.WhichOneof("resource")
             if resource == "message" and op.kind == _CREATE:
                 outcome = await self.messaging.send(
@@ -217,9 +243,18 @@ class FrameDispatcher:
     def _rejected(self, op_id: str, exc: DomainError) -> rt.OperationResult:
         if self.metrics is not None:
             self.metrics.errors.labels(exc.code).inc()
-            if isinstance(exc, RateLimited):
-                self.metrics.rate_limited.inc()
         return rt.OperationResult(client_op_id=op_id, rejected=to_status(exc))
+
+
+def _budget_of(op: rt.Operation) -> Budget:
+    """The budget an operation spends: by the resource it writes. Anything else (an operation
+    this server does not support yet) spends the message budget, as every operation once did."""
+    resource = op.WhichOneof("resource")
+    if resource == "thread":
+        return Budget.THREAD_WRITES
+    if resource == "read_marker":
+        return Budget.READ_MARKERS
+    return Budget.MESSAGES
 
 
 def _thread_field(t: Any, path: str) -> Any:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 
@@ -20,6 +22,7 @@ from threadline.v1 import (
 from threadline.v1 import (
     user_service_pb2 as usr,
 )
+from threadline_server.domain.limits import Budget, RateLimits
 from threadline_server.domain.models import Principal
 from threadline_server.domain.ports import Broker, Store
 from threadline_server.domain.threads import Threads
@@ -35,16 +38,42 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 _FILTERS = {0: False, 1: False, 2: True, 3: None}
 PREFERENCE_FIELDS = ("theme", "locale", "time_zone", "notifications_enabled")
 
+_Rpc = TypeVar("_Rpc", bound=Callable[..., Awaitable[Any]])
+
+
+class _Budgeted(Protocol):
+    limits: RateLimits
+
+
+def charged(budget: Budget) -> Callable[[_Rpc], _Rpc]:
+    """The RPC spends one token of the user's `budget` before anything else runs: a refused call
+    (RESOURCE_EXHAUSTED, RATE_LIMITED, RetryInfo, raised through the guard) has read and written
+    nothing. The decorator is the one place an RPC names its budget; reads spend none."""
+
+    def decorate(fn: _Rpc) -> _Rpc:
+        @functools.wraps(fn)
+        async def spend_then_call(
+            self: _Budgeted, request: Any, context: Ctx, principal: Principal
+        ) -> Any:
+            self.limits.check(budget, principal.user_id)
+            return await fn(self, request, context, principal)
+
+        return cast("_Rpc", spend_then_call)
+
+    return decorate
+
 
 @guarded
 class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
     metrics: Metrics | None = None  # set by app.py; the guard counts errors by code
     compression_threshold = DEFAULT_THRESHOLD  # set by app.py; responses under it go plain
 
-    def __init__(self, auth: Authenticator, threads: Threads) -> None:
+    def __init__(self, auth: Authenticator, threads: Threads, limits: RateLimits) -> None:
         self.auth = auth
         self.threads = threads
+        self.limits = limits
 
+    @charged(Budget.THREAD_WRITES)
     async def CreateThread(  # type: ignore[override]
         self, request: ts.CreateThreadRequest, context: Ctx, principal: Principal
     ) -> ts.CreateThreadResponse:
@@ -76,6 +105,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
             threads=[codec.summary(s) for s in items], next_page_token=token
         )
 
+    @charged(Budget.THREAD_WRITES)
     async def UpdateThread(  # type: ignore[override]
         self, request: ts.UpdateThreadRequest, context: Ctx, principal: Principal
     ) -> ts.UpdateThreadResponse:
@@ -99,12 +129,14 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         )
         return ts.UpdateThreadResponse(thread=codec.thread(thread))
 
+    @charged(Budget.THREAD_WRITES)
     async def DeleteThread(  # type: ignore[override]
         self, request: ts.DeleteThreadRequest, context: Ctx, principal: Principal
     ) -> ts.DeleteThreadResponse:
         await self.threads.delete(principal.user_id, request.thread_id, request.client_op_id)
         return ts.DeleteThreadResponse()
 
+    @charged(Budget.THREAD_WRITES)
     async def ArchiveThread(  # type: ignore[override]
         self, request: ts.ArchiveThreadRequest, context: Ctx, principal: Principal
     ) -> ts.ArchiveThreadResponse:
@@ -113,6 +145,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         )
         return ts.ArchiveThreadResponse(thread=codec.thread(thread))
 
+    @charged(Budget.THREAD_WRITES)
     async def UnarchiveThread(  # type: ignore[override]
         self, request: ts.UnarchiveThreadRequest, context: Ctx, principal: Principal
     ) -> ts.UnarchiveThreadResponse:
@@ -121,6 +154,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         )
         return ts.UnarchiveThreadResponse(thread=codec.thread(thread))
 
+    @charged(Budget.PARTICIPANT_CHANGES)
     async def AddParticipants(  # type: ignore[override]
         self, request: ts.AddParticipantsRequest, context: Ctx, principal: Principal
     ) -> ts.AddParticipantsResponse:
@@ -129,6 +163,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
         )
         return ts.AddParticipantsResponse(thread=codec.thread(thread))
 
+    @charged(Budget.PARTICIPANT_CHANGES)
     async def RemoveParticipants(  # type: ignore[override]
         self, request: ts.RemoveParticipantsRequest, context: Ctx, principal: Principal
     ) -> ts.RemoveParticipantsResponse:
@@ -153,6 +188,7 @@ class ThreadServicer(thread_service_pb2_grpc.ThreadServiceServicer):
             messages=[codec.message(m) for m in items], next_page_token=token
         )
 
+    @charged(Budget.READ_MARKERS)
     async def MarkRead(  # type: ignore[override]
         self, request: ts.MarkReadRequest, context: Ctx, principal: Principal
     ) -> ts.MarkReadResponse:
@@ -167,10 +203,13 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
     metrics: Metrics | None = None  # set by app.py; the guard counts errors by code
     compression_threshold = DEFAULT_THRESHOLD  # set by app.py; responses under it go plain
 
-    def __init__(self, auth: Authenticator, store: Store, broker: Broker) -> None:
+    def __init__(
+        self, auth: Authenticator, store: Store, broker: Broker, limits: RateLimits
+    ) -> None:
         self.auth = auth
         self.store = store
         self.broker = broker
+        self.limits = limits
 
     async def GetMe(  # type: ignore[override]
         self, request: usr.GetMeRequest, context: Ctx, principal: Principal
@@ -182,6 +221,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
             preferences=codec.preferences(prefs),
         )
 
+    @charged(Budget.PREFERENCES)
     async def UpdatePreferences(  # type: ignore[override]
         self, request: usr.UpdatePreferencesRequest, context: Ctx, principal: Principal
     ) -> usr.UpdatePreferencesResponse:
@@ -213,10 +253,12 @@ class UploadServicer(upload_service_pb2_grpc.UploadServiceServicer):
     metrics: Metrics | None = None  # set by app.py; the guard counts errors by code
     compression_threshold = DEFAULT_THRESHOLD  # set by app.py; responses under it go plain
 
-    def __init__(self, auth: Authenticator, uploads: Uploads) -> None:
+    def __init__(self, auth: Authenticator, uploads: Uploads, limits: RateLimits) -> None:
         self.auth = auth
         self.uploads = uploads
+        self.limits = limits
 
+    @charged(Budget.UPLOADS)
     async def CreateUpload(  # type: ignore[override]
         self, request: us.CreateUploadRequest, context: Ctx, principal: Principal
     ) -> us.CreateUploadResponse:
@@ -235,6 +277,7 @@ class UploadServicer(upload_service_pb2_grpc.UploadServiceServicer):
             upload_url_expire_time=codec.ts(url.expires_at),
         )
 
+    @charged(Budget.UPLOADS)
     async def CompleteUpload(  # type: ignore[override]
         self, request: us.CompleteUploadRequest, context: Ctx, principal: Principal
     ) -> us.CompleteUploadResponse:
