@@ -41,7 +41,7 @@ from threadline_server.storage.cache import CachePolicy, ReadCaches
 from threadline_server.storage.db import Database, ensure_server_state, migrate
 from threadline_server.storage.store import SqlStore
 from threadline_server.storage.uploads import SqlUploadStore
-from threadline_server.transport import codec
+from threadline_server.transport import codec, frames
 from threadline_server.transport.admin import AdminServicer
 from threadline_server.transport.blob_http import LocalBlobHttp
 from threadline_server.transport.dispatcher import FrameDispatcher
@@ -157,6 +157,8 @@ class ThreadlineServer:
 
     async def start(self) -> Endpoints:
         s = self.settings
+        # Before anything is opened: limits under which a page could not always progress.
+        frames.check_limits(s)
         s.server.data_dir.mkdir(parents=True, exist_ok=True)
         if s.database.auto_migrate:
             await migrate(s.database_url)
@@ -190,7 +192,8 @@ class ThreadlineServer:
             s.caches.users.ttl_s,
             self.metrics.cache_lookup,
         )
-        threads = Threads(self.store, s.limits)
+        page_bytes = frames.budget(s)  # every page and frame stays under the send limit
+        threads = Threads(self.store, s.limits, sizes=frames.WireSizes(), page_bytes=page_bytes)
         messaging = Messaging(self.committer, self.store, self.uploads, s.limits)
         self.committer.start()
         dispatcher = FrameDispatcher(
@@ -212,7 +215,7 @@ class ThreadlineServer:
             ThreadServicer(auth, threads, self.limits),
             UserServicer(auth, self.store, self.broker, self.limits),
             UploadServicer(auth, self.uploads, self.limits),
-            AdminServicer(auth, self.store, self.broker, s.auth.admin_users),
+            AdminServicer(auth, self.store, self.broker, s.auth.admin_users, page_bytes=page_bytes),
         )
         for servicer in servicers:
             servicer.metrics = self.metrics  # errors by status code, counted by the guard

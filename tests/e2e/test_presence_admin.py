@@ -12,11 +12,13 @@ import pytest
 from tests.conftest import bearer
 from tests.e2e.test_realtime_delivery import create_thread
 from tests.support.raw_stream import RawStream
+from tests.support.rpc import details
 from threadline.v1 import admin_service_pb2 as adm
 from threadline.v1 import admin_service_pb2_grpc as admg
 from threadline.v1 import realtime_pb2 as rt
 from threadline_client.session import ThreadlineSession
 from threadline_server.app import ThreadlineServer
+from threadline_server.domain import paging
 
 GRACE = 0.3
 
@@ -132,5 +134,42 @@ async def test_operators_list_connections_and_index_use(app, chan, db_url):
     else:
         assert usage.backend == "sqlite" and list(usage.indexes) == []
     for s in (alice, bob_phone):
+        s.cancel()
+    await asyncio.sleep(0)
+
+
+async def test_connections_page_in_order_without_repeats(app, chan):
+    streams = [RawStream(chan, app.mint(f"user{i}", 600)) for i in range(5)]
+    for s in streams:
+        await s.hello()
+    admin = admg.AdminServiceStub(chan)
+    ops = bearer(app.mint("ops", 600))
+    seen: list[str] = []
+    page_token, pages = "", 0
+    while True:
+        page = await admin.ListConnections(
+            adm.ListConnectionsRequest(page_size=2, page_token=page_token), metadata=ops
+        )
+        pages += 1
+        assert 1 <= len(page.connections) <= 2 and page.users_online == 5
+        seen.extend(c.session_id for c in page.connections)
+        page_token = page.next_page_token
+        if not page_token:
+            break
+    assert pages == 3 and len(seen) == len(set(seen)) == 5
+    everything = await admin.ListConnections(adm.ListConnectionsRequest(), metadata=ops)
+    assert [c.session_id for c in everything.connections] == seen  # oldest first, both ways
+
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await admin.ListConnections(
+            # a token issued for the unfiltered listing is refused for a filtered one
+            adm.ListConnectionsRequest(
+                user_id="user1", page_token=paging.encode({"t": 0.0, "s": ""}, {"user": ""})
+            ),
+            metadata=ops,
+        )
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(bad.value)["fields"] == ["page_token"]
+    for s in streams:
         s.cancel()
     await asyncio.sleep(0)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from threadline_server.errors import InvalidArgument
+
+T = TypeVar("T")
 
 
 def _fingerprint(params: dict[str, Any]) -> str:
@@ -36,3 +39,16 @@ def decode(token: str, params: dict[str, Any], field: str = "page_token") -> dic
         raise InvalidArgument.one(field, "page_token was issued for different request parameters")
     position: dict[str, Any] = body["k"]
     return position
+
+
+def fit(items: Sequence[T], measure: Callable[[T], int], max_bytes: int) -> list[T]:
+    """The longest prefix of `items` whose sizes sum to at most `max_bytes`, and never fewer than
+    one item: a page always makes progress (the startup check proves one item always fits)."""
+    out: list[T] = []
+    total = 0
+    for item in items:
+        total += measure(item)
+        if out and total > max_bytes:
+            break
+        out.append(item)
+    return out

@@ -13,7 +13,7 @@ from typing import Any
 from threadline_server.config import LimitsSettings
 from threadline_server.domain import paging
 from threadline_server.domain.models import Message, ReadMarker, Thread, ThreadSummary
-from threadline_server.domain.ports import OpKey, Store, ThreadChange, ThreadCursor
+from threadline_server.domain.ports import OpKey, PageSizes, Store, ThreadChange, ThreadCursor
 from threadline_server.domain.validation import (
     Violations,
     check_description,
@@ -36,11 +36,19 @@ def op_key(user_id: str, client_op_id: str, kind: str, **fields: Any) -> OpKey |
 
 
 class Threads:
-    """Thread use cases for one caller at a time."""
+    """Thread use cases for one caller at a time.
 
-    def __init__(self, store: Store, limits: LimitsSettings) -> None:
+    Pages are bounded by count (page_size) and by bytes (`page_bytes` of encoded items, measured
+    by `sizes`): 200 messages of 100 KB would not fit in any gRPC response.
+    """
+
+    def __init__(
+        self, store: Store, limits: LimitsSettings, *, sizes: PageSizes, page_bytes: int
+    ) -> None:
         self._store = store
         self._limits = limits
+        self._sizes = sizes
+        self._page_bytes = page_bytes
 
     async def create(
         self,
@@ -95,13 +103,15 @@ class Threads:
             except (KeyError, TypeError, ValueError):
                 v.add("page_token", "page_token is malformed")
                 v.raise_if_any()
-        items, cursor = await self._store.list_threads(actor, archived, limit, after)
+        rows, more = await self._store.list_threads(actor, archived, limit, after)
+        page = paging.fit(rows, lambda row: self._sizes.summary(row[0]), self._page_bytes)
         next_token = ""
-        if cursor is not None:
+        if page and (more or len(page) < len(rows)):
+            cursor = page[-1][1]
             next_token = paging.encode(
                 {"a": cursor.last_activity_at.isoformat(), "i": cursor.thread_id}, params
             )
-        return items, next_token
+        return [summary for summary, _ in page], next_token
 
     async def update(
         self,
@@ -247,9 +257,11 @@ class Threads:
                 v.add("page_token", "page_token is malformed")
                 v.raise_if_any()
             start_seq = int(seq)  # type: ignore[arg-type]  # checked just above
-        items, more = await self._store.list_messages(
+        rows, more = await self._store.list_messages(
             actor, thread_id, forward=forward, start_seq=start_seq, limit=limit
         )
+        items = paging.fit(rows, self._sizes.message, self._page_bytes)
+        more = more or len(items) < len(rows)
         next_token = paging.encode({"s": items[-1].seq}, params) if more and items else ""
         return items, next_token
 

@@ -164,6 +164,7 @@ async def replay(
     upto: int,
     limit: int,
     cache: MessageCache | None = None,
+    max_bytes: int = 0,
 ) -> tuple[list[Event], int | None]:
     """The user's changes in (after, upto], oldest first, each with its payload as it was then.
 
@@ -171,6 +172,10 @@ async def replay(
     (read markers, removals, being added). Changes whose resource is gone (a deleted thread)
     are skipped: the user also has the THREAD_REMOVED change that explains it. Also returns the
     last change cursor scanned, so paging advances past skipped rows.
+
+    With `max_bytes`, loading stops once the payloads read reach about that many bytes (at least
+    one change is always taken): 300 changes of 100 KB messages would hold 30 MB per resuming
+    stream. The transport still cuts frames by exact encoded size; this bounds memory.
     """
     mine = select(thread_members.c.thread_id).where(thread_members.c.user_id == user_id)
     rows = (
@@ -189,7 +194,12 @@ async def replay(
         )
     ).all()
     events: list[Event] = []
+    loaded = 0
+    last_scanned: int | None = None
     for r in rows:
+        if max_bytes and loaded >= max_bytes:
+            break
+        last_scanned = r.change_seq
         created = aware(r.created_at)
         assert created is not None
         payload: Message | Thread | ReadMarker | None = None
@@ -218,7 +228,24 @@ async def replay(
                 client_op_id=r.client_op_id if r.actor_id == user_id else "",
             )
         )
-    return events, (rows[-1].change_seq if rows else None)
+        loaded += approx_bytes(payload)
+    return events, last_scanned
+
+
+_EVENT_OVERHEAD = 256  # ids, cursors, timestamps and tags around a payload
+
+
+def approx_bytes(payload: Message | Thread | ReadMarker | None) -> int:
+    """About the encoded size of an event with this payload (for memory bounds, not limits)."""
+    size = _EVENT_OVERHEAD
+    if isinstance(payload, Message):
+        size += len(payload.text.encode()) + sum(
+            128 + len(a.file_name.encode()) + len(a.content_type) for a in payload.attachments
+        )
+    elif isinstance(payload, Thread):
+        size += len(payload.title.encode()) + len(payload.description.encode())
+        size += sum(len(p) + 2 for p in (*payload.participant_ids, *payload.tags))
+    return size
 
 
 async def _unread_between(

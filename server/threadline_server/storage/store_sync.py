@@ -28,10 +28,12 @@ class SyncStore(MessageStore):
         return str(row.epoch), int(row.change_seq), int(row.pruned_through)
 
     async def replay(
-        self, user_id: str, after: int, upto: int, limit: int
+        self, user_id: str, after: int, upto: int, limit: int, max_bytes: int
     ) -> tuple[list[Event], int | None]:
         async with self._db.read() as conn:
-            return await replay(conn, user_id, after, upto, limit, self.caches.messages)
+            return await replay(
+                conn, user_id, after, upto, limit, self.caches.messages, max_bytes=max_bytes
+            )
 
     async def stored_results(
         self, user_id: str, op_ids: Sequence[str]

@@ -240,7 +240,7 @@ class ThreadStore(UserStore):
 
     async def list_threads(
         self, user_id: str, archived: bool | None, limit: int, after: ThreadCursor | None
-    ) -> tuple[list[ThreadSummary], ThreadCursor | None]:
+    ) -> tuple[list[tuple[ThreadSummary, ThreadCursor]], bool]:
         stmt = (
             select(threads)
             .join(thread_members, thread_members.c.thread_id == threads.c.id)
@@ -259,13 +259,12 @@ class ThreadStore(UserStore):
             rows = list((await conn.execute(stmt)).all())
             page = rows[:limit]
             summaries = await self._summaries(conn, user_id, page)
-        cursor = None
-        if len(rows) > limit:
-            last = page[-1]
-            stamp = aware(last.last_activity_at)
+        positions = []
+        for row in page:
+            stamp = aware(row.last_activity_at)
             assert stamp is not None
-            cursor = ThreadCursor(stamp, last.id)
-        return summaries, cursor
+            positions.append(ThreadCursor(stamp, row.id))
+        return list(zip(summaries, positions, strict=True)), len(rows) > limit
 
     async def _summaries(
         self, conn: AsyncConnection, user_id: str, rows: Sequence[Row[Any]]

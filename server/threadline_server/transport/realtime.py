@@ -33,7 +33,7 @@ from threadline_server.realtime.broker import LocalBroker
 from threadline_server.realtime.presence import PresenceTracker
 from threadline_server.realtime.session import Close, EventBytes, SessionInfo, StreamSession
 from threadline_server.realtime.typing import TypingTracker
-from threadline_server.transport import codec, compression
+from threadline_server.transport import codec, compression, frames
 from threadline_server.transport.dispatcher import FrameDispatcher
 from threadline_server.transport.guard import Authenticator, abort, bind_request
 from threadline_server.transport.status import duration, internal_status, to_status
@@ -188,10 +188,9 @@ class RealtimeServicer:
                     rt.ServerFrame(sync_complete=rt.SyncComplete(change_seq=cursor, epoch=epoch))
                 )
             online = await self.presence.snapshot(session.user_id)
-            if online:
-                yield codec.events_frame_bytes(
-                    [_presence_event(session.user_id, p) for p in online]
-                )
+            presence = [_presence_event(session.user_id, p) for p in online]
+            for group in frames.chunk(presence, frames.budget(self.settings)):
+                yield codec.events_frame_bytes(group)
             if requests is not None:
                 reader = asyncio.create_task(self._read(session, requests))
             async for item in self._write(session):
@@ -242,15 +241,15 @@ class RealtimeServicer:
             return
         after, count = state.change_seq, 0
         page = self.settings.realtime.replay_batch_size
+        room = frames.budget(self.settings)
         while after < cursor:
-            events, last = await self.store.replay(session.user_id, after, cursor, page)
+            events, last = await self.store.replay(session.user_id, after, cursor, page, room)
             if last is None:
                 break
-            if events:
-                count += len(events)
-                yield codec.events_frame_bytes(
-                    [codec.encode_event(e, for_author=True) for e in events], replay=True
-                )
+            count += len(events)
+            encoded = [codec.encode_event(e, for_author=True) for e in events]
+            for group in frames.chunk(encoded, room):
+                yield codec.events_frame_bytes(group, replay=True)
             after = last
         for op_id, stored, resource in await self.store.stored_results(
             session.user_id, list(state.pending_op_ids)
@@ -369,8 +368,7 @@ class RealtimeServicer:
         """Drains the session queue, batching consecutive events into one frame. Idle time and
         token expiry are watched from here on by `watch_forever`."""
         rts = self.settings.realtime
-        # A batch frame stays well under the send limit (a message is at most ~100 KiB).
-        budget = self.settings.server.max_send_message_bytes // 2
+        room = frames.budget(self.settings)  # one event always fits (frames.check_limits)
         session.watched = True
         pending: bytes | Close | None = None
         while True:
@@ -384,15 +382,15 @@ class RealtimeServicer:
                 return
             if isinstance(item, EventBytes):
                 batch = [] if session.stale(item) else [item]
-                size = len(item)
+                size = frames.item_size(len(item))
                 while len(batch) < rts.batch_max_events:
                     nxt = session.next_nowait()
-                    if not isinstance(nxt, EventBytes) or size + len(nxt) > budget:
+                    if not isinstance(nxt, EventBytes) or size + frames.item_size(len(nxt)) > room:
                         pending = nxt
                         break
                     if not session.stale(nxt):
                         batch.append(nxt)
-                        size += len(nxt)
+                        size += frames.item_size(len(nxt))
                 if batch:
                     yield codec.events_frame_bytes(batch)
                 continue

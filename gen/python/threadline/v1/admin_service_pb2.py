@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!threadline/v1/admin_service.proto\x12\rthreadline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\")\n\x16ListConnectionsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\xca\x02\n\nConnection\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.threadline.v1.StreamKind\x12\x0c\n\x04peer\x18\x04 \x01(\t\x12\x13\n\x0b\x63lient_name\x18\x05 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x06 \x01(\t\x12-\n\topen_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12last_activity_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11token_expire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rqueued_frames\x18\n \x01(\x05\"_\n\x17ListConnectionsResponse\x12.\n\x0b\x63onnections\x18\x01 \x03(\x0b\x32\x19.threadline.v1.Connection\x12\x14\n\x0cusers_online\x18\x02 \x01(\x05\"\x16\n\x14GetIndexUsageRequest\"N\n\nIndexUsage\x12\r\n\x05table\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\t\x12\r\n\x05scans\x18\x03 \x01(\x03\x12\x13\n\x0btuples_read\x18\x04 \x01(\x03\"T\n\x15GetIndexUsageResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12*\n\x07indexes\x18\x02 \x03(\x0b\x32\x19.threadline.v1.IndexUsage*]\n\nStreamKind\x12\x1b\n\x17STREAM_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13STREAM_KIND_CONNECT\x10\x01\x12\x19\n\x15STREAM_KIND_SUBSCRIBE\x10\x02\x32\xd6\x01\n\x0c\x41\x64minService\x12\x65\n\x0fListConnections\x12%.threadline.v1.ListConnectionsRequest\x1a&.threadline.v1.ListConnectionsResponse\"\x03\x90\x02\x01\x12_\n\rGetIndexUsage\x12#.threadline.v1.GetIndexUsageRequest\x1a$.threadline.v1.GetIndexUsageResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!threadline/v1/admin_service.proto\x12\rthreadline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"P\n\x16ListConnectionsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\xca\x02\n\nConnection\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.threadline.v1.StreamKind\x12\x0c\n\x04peer\x18\x04 \x01(\t\x12\x13\n\x0b\x63lient_name\x18\x05 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x06 \x01(\t\x12-\n\topen_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12last_activity_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11token_expire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rqueued_frames\x18\n \x01(\x05\"x\n\x17ListConnectionsResponse\x12.\n\x0b\x63onnections\x18\x01 \x03(\x0b\x32\x19.threadline.v1.Connection\x12\x14\n\x0cusers_online\x18\x02 \x01(\x05\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"\x16\n\x14GetIndexUsageRequest\"N\n\nIndexUsage\x12\r\n\x05table\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\t\x12\r\n\x05scans\x18\x03 \x01(\x03\x12\x13\n\x0btuples_read\x18\x04 \x01(\x03\"T\n\x15GetIndexUsageResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12*\n\x07indexes\x18\x02 \x03(\x0b\x32\x19.threadline.v1.IndexUsage*]\n\nStreamKind\x12\x1b\n\x17STREAM_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13STREAM_KIND_CONNECT\x10\x01\x12\x19\n\x15STREAM_KIND_SUBSCRIBE\x10\x02\x32\xd6\x01\n\x0c\x41\x64minService\x12\x65\n\x0fListConnections\x12%.threadline.v1.ListConnectionsRequest\x1a&.threadline.v1.ListConnectionsResponse\"\x03\x90\x02\x01\x12_\n\rGetIndexUsage\x12#.threadline.v1.GetIndexUsageRequest\x1a$.threadline.v1.GetIndexUsageResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,20 +36,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADMINSERVICE'].methods_by_name['ListConnections']._serialized_options = b'\220\002\001'
   _globals['_ADMINSERVICE'].methods_by_name['GetIndexUsage']._loaded_options = None
   _globals['_ADMINSERVICE'].methods_by_name['GetIndexUsage']._serialized_options = b'\220\002\001'
-  _globals['_STREAMKIND']._serialized_start=748
-  _globals['_STREAMKIND']._serialized_end=841
+  _globals['_STREAMKIND']._serialized_start=812
+  _globals['_STREAMKIND']._serialized_end=905
   _globals['_LISTCONNECTIONSREQUEST']._serialized_start=85
-  _globals['_LISTCONNECTIONSREQUEST']._serialized_end=126
-  _globals['_CONNECTION']._serialized_start=129
-  _globals['_CONNECTION']._serialized_end=459
-  _globals['_LISTCONNECTIONSRESPONSE']._serialized_start=461
-  _globals['_LISTCONNECTIONSRESPONSE']._serialized_end=556
-  _globals['_GETINDEXUSAGEREQUEST']._serialized_start=558
-  _globals['_GETINDEXUSAGEREQUEST']._serialized_end=580
-  _globals['_INDEXUSAGE']._serialized_start=582
-  _globals['_INDEXUSAGE']._serialized_end=660
-  _globals['_GETINDEXUSAGERESPONSE']._serialized_start=662
-  _globals['_GETINDEXUSAGERESPONSE']._serialized_end=746
-  _globals['_ADMINSERVICE']._serialized_start=844
-  _globals['_ADMINSERVICE']._serialized_end=1058
+  _globals['_LISTCONNECTIONSREQUEST']._serialized_end=165
+  _globals['_CONNECTION']._serialized_start=168
+  _globals['_CONNECTION']._serialized_end=498
+  _globals['_LISTCONNECTIONSRESPONSE']._serialized_start=500
+  _globals['_LISTCONNECTIONSRESPONSE']._serialized_end=620
+  _globals['_GETINDEXUSAGEREQUEST']._serialized_start=622
+  _globals['_GETINDEXUSAGEREQUEST']._serialized_end=644
+  _globals['_INDEXUSAGE']._serialized_start=646
+  _globals['_INDEXUSAGE']._serialized_end=724
+  _globals['_GETINDEXUSAGERESPONSE']._serialized_start=726
+  _globals['_GETINDEXUSAGERESPONSE']._serialized_end=810
+  _globals['_ADMINSERVICE']._serialized_start=908
+  _globals['_ADMINSERVICE']._serialized_end=1122
 # @@protoc_insertion_point(module_scope)

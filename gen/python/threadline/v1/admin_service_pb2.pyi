@@ -51,16 +51,26 @@ class ListConnectionsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """Only this user's streams, if set."""
+    page_size: _builtins.int
+    """Most connections per page (default 100, at most 1000); a page is also cut so that it stays
+    under the server's frame limit.
+    """
+    page_token: _builtins.str
+    """`next_page_token` of the previous page, with the same `user_id`."""
     def __init__(
         self,
         *,
         user_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -138,21 +148,25 @@ class ListConnectionsResponse(_message.Message):
 
     CONNECTIONS_FIELD_NUMBER: _builtins.int
     USERS_ONLINE_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     users_online: _builtins.int
-    """Users with at least one stream (after the filter)."""
+    """Users with at least one stream (after the filter), over all pages."""
+    next_page_token: _builtins.str
+    """Set when more connections follow; pass it as `page_token`."""
     @_builtins.property
     def connections(self) -> _containers.RepeatedCompositeFieldContainer[Global___Connection]:
-        """The streams, oldest first."""
+        """The streams, oldest first (one page)."""
 
     def __init__(
         self,
         *,
         connections: _abc.Iterable[Global___Connection] | None = ...,
         users_online: _builtins.int = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "users_online", b"users_online"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "next_page_token", b"next_page_token", "users_online", b"users_online"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
