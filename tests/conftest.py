@@ -77,6 +77,8 @@ def make_settings(data_dir: Path, db_url: str, **sections: dict[str, Any]) -> Se
         "database": {"url": db_url},
         # Throughput tests send hundreds of messages a second; the limit has its own tests.
         "limits": {"operations_per_minute": 0},
+        # The grpc-web edge (Envoy) has its own tests; the others talk gRPC directly.
+        "web": {"mode": "off"},
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)

