@@ -37,6 +37,7 @@ from threadline_server.domain.threads import Threads
 from threadline_server.domain.uploads import BlobStore, SweepResult, Uploads
 from threadline_server.edge.envoy_config import default_origins, envoy_config, find_envoy
 from threadline_server.edge.supervisor import EdgeError, EnvoySupervisor
+from threadline_server.issuer import embedded_issuer_url
 from threadline_server.observability import Metrics
 from threadline_server.realtime.broker import LocalBroker
 from threadline_server.realtime.presence import PresenceTracker
@@ -105,10 +106,6 @@ def _free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def embedded_issuer_url(settings: Settings, http_port: int) -> str:
-    return settings.auth.issuer or f"http://{settings.server.host}:{http_port}"
 
 
 class ThreadlineServer:
@@ -424,7 +421,13 @@ class ThreadlineServer:
 async def serve(settings: Settings, on_started: object = None) -> None:
     """Runs until SIGTERM or SIGINT, then drains."""
     app = ThreadlineServer(settings)
-    endpoints = await app.start()
+    try:
+        endpoints = await app.start()
+    except BaseException:
+        # A start that fails half-way (a port in use) still closes what it opened: the side
+        # HTTP listener, the JWKS client session, the database engine.
+        await app.stop(grace=0)
+        raise
     if callable(on_started):
         on_started(app, endpoints)
     stop = asyncio.Event()
@@ -434,13 +437,6 @@ async def serve(settings: Settings, on_started: object = None) -> None:
     await stop.wait()
     logger.info("shutting down")
     await app.stop()
-
-
-def mint_offline(settings: Settings, user_id: str, ttl_s: int | None, **claims: Any) -> str:
-    """`threadline token`: signs with the data directory's key for the configured issuer."""
-    issuer = embedded_issuer_url(settings, settings.server.http_port)
-    embedded = EmbeddedIssuer.load_or_create(settings.server.data_dir, issuer)
-    return embedded.mint(user_id, ttl_s=ttl_s or settings.auth.embedded_token_ttl_s, **claims)
 
 
 async def run_migrations(settings: Settings) -> None:

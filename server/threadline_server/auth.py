@@ -1,28 +1,23 @@
-"""Verifies bearer JWTs into Principals, and in dev mode issues them (the embedded issuer).
+"""Verifies bearer JWTs into Principals (the embedded issuer that mints them is issuer.py).
 
 One code path verifies both Clerk session tokens and embedded tokens; the modes differ only in
 configuration (issuer, key source, `azp` policy). The steps follow the reliability bar, section 2:
 extract, header, key by kid, one `jwt.decode` call, then the claim checks PyJWT does not do.
+Each refusal names its check (auth_errors.py) and is logged, at most once a minute per check.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import hashlib
 import ipaddress
 import json
 import logging
 import math
-import os
 import re
-import secrets
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -32,17 +27,29 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from threadline_server import __version__
+from threadline_server.auth_errors import (
+    Cause,
+    RefusalLog,
+    pyjwt_cause,
+    pyjwt_header_cause,
+    token_expired,
+    token_invalid,
+    token_missing,
+    token_not_yet_valid,
+)
 from threadline_server.config import AuthSettings
 from threadline_server.domain.models import Principal
 from threadline_server.errors import SessionPending, Unauthenticated, Unavailable
+
+# The embedded issuer lives in issuer.py (so `threadline token` stays light); it is still
+# importable from here, where app.py, the tests and the benchmarks take it.
+from threadline_server.issuer import EmbeddedIssuer as EmbeddedIssuer
+from threadline_server.issuer import check_key_size
 
 logger = logging.getLogger(__name__)
 
 PYJWT_MIN_VERSION = (2, 15)
 MAX_AUTHORIZATION_BYTES = 8192
-MIN_RSA_BITS = 2048
-# Above this a modulus is not a real signing key but a way to make every verification slow.
-MAX_RSA_BITS = 16384
 MAX_JWKS_BYTES = 1 << 20
 # Clerk's session-token categories: "session" and "ignore". Any other `cat` (JWT templates, M2M)
 # is signed by the same key but is not a session token, so it must not open a session here.
@@ -67,14 +74,6 @@ def check_pyjwt_version(version: str | None = None) -> None:
         raise RuntimeError(f"PyJWT >= {floor} is required, found {found!r}")
 
 
-def _missing() -> Unauthenticated:
-    return Unauthenticated("TOKEN_MISSING", "missing token")
-
-
-def _invalid() -> Unauthenticated:
-    return Unauthenticated("TOKEN_INVALID", "invalid token")
-
-
 def _jwks_unavailable(retry_after: float) -> Unavailable:
     return Unavailable("JWKS_UNAVAILABLE", "signing keys unavailable", retry_after=retry_after)
 
@@ -89,33 +88,10 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def _b64url_uint(value: int) -> str:
-    raw = value.to_bytes((value.bit_length() + 7) // 8 or 1, "big")
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
 def _uint_from_b64url(text: object) -> int:
     if not isinstance(text, str) or not _B64URL_RE.fullmatch(text):
         raise ValueError("not base64url")
     return int.from_bytes(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)), "big")
-
-
-def rsa_public_jwk(key: rsa.RSAPublicKey) -> dict[str, str]:
-    """The RFC 7517 members of an RSA public key: kty, n, e."""
-    numbers = key.public_numbers()
-    return {"kty": "RSA", "n": _b64url_uint(numbers.n), "e": _b64url_uint(numbers.e)}
-
-
-def rsa_thumbprint(key: rsa.RSAPublicKey) -> str:
-    """The RFC 7638 SHA-256 thumbprint: a kid that is the same wherever the key is loaded."""
-    canonical = json.dumps(rsa_public_jwk(key), sort_keys=True, separators=(",", ":"))
-    digest = hashlib.sha256(canonical.encode("ascii")).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
-
-
-def _check_key_size(bits: int) -> None:
-    if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
-        raise ValueError(f"RSA key of {bits} bits; {MIN_RSA_BITS}..{MAX_RSA_BITS} required")
 
 
 def parse_jwk(jwk: Mapping[str, Any]) -> tuple[str, rsa.RSAPublicKey]:
@@ -129,7 +105,7 @@ def parse_jwk(jwk: Mapping[str, Any]) -> tuple[str, rsa.RSAPublicKey]:
     if jwk.get("alg", "RS256") != "RS256":
         raise ValueError("alg")
     n, e = _uint_from_b64url(jwk.get("n")), _uint_from_b64url(jwk.get("e"))
-    _check_key_size(n.bit_length())
+    check_key_size(n.bit_length())
     # Only the public members are read: a JWKS that leaks `d` still yields just a public key.
     return kid, rsa.RSAPublicNumbers(e, n).public_key()
 
@@ -140,7 +116,7 @@ def load_public_key_pem(pem: str) -> rsa.RSAPublicKey:
     key = serialization.load_pem_public_key(data)
     if not isinstance(key, rsa.RSAPublicKey):
         raise ValueError("public_key_pem is not an RSA public key")
-    _check_key_size(key.key_size)
+    check_key_size(key.key_size)
     return key
 
 
@@ -256,7 +232,7 @@ class JwksCache:
                 if not self._elapsed(now, self._cooldown_s):
                     if self._last_failed:
                         raise _jwks_unavailable(self._retry_after(now, self._cooldown_s))
-                    raise _invalid()
+                    raise token_invalid(Cause.UNKNOWN_KEY)
             elif self._last_failed and not self._elapsed(now, self._failure_wait(now)):
                 return self._from_stale(kid, now)
         fetched = await self._refresh()
@@ -264,7 +240,7 @@ class JwksCache:
             return self._from_stale(kid, self._clock())
         key = fetched.keys.get(kid)
         if key is None:
-            raise _invalid()
+            raise token_invalid(Cause.UNKNOWN_KEY)
         return key
 
     def _usable(self, now: float) -> bool:
@@ -397,7 +373,8 @@ class TokenVerifier:
         http_timeout_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`jwks_url` empty means `{issuer}/.well-known/jwks.json`; `clock` drives the JWKS cache.
+        """`jwks_url` empty means `{issuer}/.well-known/jwks.json`; `clock` drives the JWKS cache
+        and the once-a-minute refusal log.
 
         Raises ValueError for a configuration that cannot verify safely.
         """
@@ -421,6 +398,7 @@ class TokenVerifier:
         self._settings = settings
         self._issuer = issuer
         self._parties = frozenset(settings.authorized_parties)
+        self._refusals = RefusalLog(logger, clock=clock)
         self._keys: _KeySource
         if settings.public_key_pem:
             self._keys = _StaticKey(load_public_key_pem(settings.public_key_pem))
@@ -453,29 +431,45 @@ class TokenVerifier:
 
     async def verify_authorization(self, values: Sequence[str]) -> Principal:
         """Verifies the call's `authorization` metadata values: exactly one `Bearer <jwt>`."""
-        if not values:
-            raise _missing()
-        if len(values) != 1:
-            raise _invalid()
-        # Typed as str, but checked: a bytes value from a misbehaving caller must stay a 401.
-        value: object = values[0]
-        if not isinstance(value, str):
-            raise _invalid()
-        if not value.strip(" \t"):
-            raise _missing()
-        if len(value) > MAX_AUTHORIZATION_BYTES:
-            raise _invalid()
-        match = _BEARER_RE.fullmatch(value.strip(" \t"))
-        if match is None:
-            raise _invalid()
-        return await self.verify_token(match[1])
+        try:
+            return await self._verify_token(self._extract(values))
+        except Unauthenticated as exc:
+            self._refusals.record(exc)
+            raise
 
     async def verify_token(self, token: str) -> Principal:
         """Verifies a bare JWT (the RefreshAuth frame's token) with the same rules."""
+        try:
+            return await self._verify_token(token)
+        except Unauthenticated as exc:
+            self._refusals.record(exc)
+            raise
+
+    def _extract(self, values: Sequence[str]) -> str:
+        if not values:
+            raise token_missing()
+        if len(values) != 1:
+            raise token_invalid(Cause.MULTIPLE)
+        # Typed as str, but checked: a bytes value from a misbehaving caller must stay a 401.
+        value: object = values[0]
+        if not isinstance(value, str):
+            raise token_invalid(Cause.MALFORMED)
+        if not value.strip(" \t"):
+            raise token_missing()
+        if len(value) > MAX_AUTHORIZATION_BYTES:
+            raise token_invalid(Cause.TOO_LARGE)
+        match = _BEARER_RE.fullmatch(value.strip(" \t"))
+        if match is None:
+            raise token_invalid(Cause.SCHEME)
+        return match[1]
+
+    async def _verify_token(self, token: str) -> Principal:
         if not token:
-            raise _missing()
-        if len(token) > MAX_AUTHORIZATION_BYTES or not _JWT_RE.fullmatch(token):
-            raise _invalid()
+            raise token_missing()
+        if len(token) > MAX_AUTHORIZATION_BYTES:
+            raise token_invalid(Cause.TOO_LARGE)
+        if not _JWT_RE.fullmatch(token):
+            raise token_invalid(Cause.MALFORMED)
         kid = self._checked_kid(token)
         key = await self._keys.key_for(kid)
         claims = self._decode(token, key)
@@ -484,19 +478,22 @@ class TokenVerifier:
     def _checked_kid(self, token: str) -> str:
         try:
             header = jwt.get_unverified_header(token)
-        except (jwt.PyJWTError, ValueError, TypeError):
-            raise _invalid() from None
-        kid = header.get("kid")
+        except jwt.PyJWTError as exc:
+            raise token_invalid(pyjwt_header_cause(exc)) from None
+        except (ValueError, TypeError):
+            raise token_invalid(Cause.MALFORMED) from None
         # jku, x5u, jwk and x5c are never read: keys only ever come from configuration.
-        if (
-            header.get("alg") != "RS256"
-            or header.get("typ", "JWT") != "JWT"
-            or not isinstance(kid, str)
-            or not _KID_RE.fullmatch(kid)
-            or "crit" in header
-            or ("cat" in header and header["cat"] not in ALLOWED_CATEGORIES)
-        ):
-            raise _invalid()
+        if header.get("alg") != "RS256":
+            raise token_invalid(Cause.ALGORITHM)
+        if header.get("typ", "JWT") != "JWT":
+            raise token_invalid(Cause.TYPE)
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not _KID_RE.fullmatch(kid):
+            raise token_invalid(Cause.KID)
+        if "crit" in header:
+            raise token_invalid(Cause.CRIT)
+        if "cat" in header and header["cat"] not in ALLOWED_CATEGORIES:
+            raise token_invalid(Cause.CATEGORY)
         return kid
 
     def _decode(self, token: str, key: rsa.RSAPublicKey) -> dict[str, Any]:
@@ -511,13 +508,15 @@ class TokenVerifier:
                 options={"require": REQUIRED_CLAIMS, "enforce_minimum_key_length": True},
             )
         except jwt.ExpiredSignatureError:
-            raise Unauthenticated("TOKEN_EXPIRED", "token expired") from None
+            raise token_expired() from None
         except jwt.ImmatureSignatureError:
-            raise Unauthenticated("TOKEN_NOT_YET_VALID", "token not yet valid") from None
+            raise token_not_yet_valid() from None
+        except jwt.PyJWTError as exc:
+            raise token_invalid(pyjwt_cause(exc)) from None
         # Not only PyJWTError: a signed claim like `exp: [1]` or `exp: Infinity` makes PyJWT's
         # int() raise TypeError or OverflowError, and that must still be a plain TOKEN_INVALID.
         except Exception:
-            raise _invalid() from None
+            raise token_invalid(Cause.CLAIM_TYPE) from None
 
     def _principal(self, claims: dict[str, Any]) -> Principal:
         """Steps 5 to 9 on decoded claims, then the Principal they describe."""
@@ -526,7 +525,7 @@ class TokenVerifier:
         self._check_session(claims)
         version = claims.get("v")
         if version is not None and (isinstance(version, bool) or version != 2):
-            raise _invalid()
+            raise token_invalid(Cause.VERSION)
         return Principal(
             user_id=claims["sub"],
             issuer=claims["iss"],
@@ -540,30 +539,30 @@ class TokenVerifier:
 
     def _check_types(self, claims: Mapping[str, Any]) -> None:
         if not all(_is_number(claims[name]) for name in ("exp", "nbf", "iat")):
-            raise _invalid()
+            raise token_invalid(Cause.CLAIM_TYPE)
+        if not isinstance(claims["iss"], str):
+            raise token_invalid(Cause.CLAIM_TYPE)
         sub = claims["sub"]
-        if not isinstance(claims["iss"], str) or not isinstance(sub, str):
-            raise _invalid()
         # fullmatch, not match: a pattern ending in `$` would still accept a trailing newline.
-        if not sub or not self._subject_re.fullmatch(sub):
-            raise _invalid()
+        if not isinstance(sub, str) or not sub or not self._subject_re.fullmatch(sub):
+            raise token_invalid(Cause.SUBJECT)
 
     def _check_azp(self, azp: object) -> None:
         if azp is not None and not isinstance(azp, str):
-            raise _invalid()
+            raise token_invalid(Cause.AZP)
         if not self._parties:
             return
         if azp is None:
             if not self._settings.allow_missing_azp:
-                raise _invalid()
+                raise token_invalid(Cause.AZP_MISSING)
         elif azp not in self._parties:
-            raise _invalid()
+            raise token_invalid(Cause.AZP)
 
     def _check_session(self, claims: Mapping[str, Any]) -> None:
         # A JWT-template token carries no sid: only session tokens may open a session here.
         sid = claims["sid"]
         if not isinstance(sid, str) or not sid:
-            raise _invalid()
+            raise token_invalid(Cause.SESSION)
         if claims.get("sts") == "pending" and self._settings.reject_pending_sessions:
             raise SessionPending("session pending")
 
@@ -572,122 +571,11 @@ class TokenVerifier:
             return ""
         act = claims["act"]
         if not isinstance(act, dict) or not isinstance(act.get("sub"), str) or not act["sub"]:
-            raise _invalid()
+            raise token_invalid(Cause.ACTOR)
         if not self._settings.allow_impersonation:
-            raise _invalid()
+            raise token_invalid(Cause.IMPERSONATION)
         actor: str = act["sub"]
         logger.info(
             "impersonated session accepted", extra={"user_id": claims["sub"], "actor": actor}
         )
         return actor
-
-
-PRIVATE_KEY_FILE = "jwt_signing_key.pem"
-PUBLIC_KEY_FILE = "jwt_signing_key.pub.pem"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_new_file(path: Path, data: bytes, mode: int) -> None:
-    """Writes `path` whole or not at all, never replacing a file another process put there."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), mode)
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        # link() fails if the name exists, so of two servers starting at once one key wins
-        # and both load it; a crash mid-write leaves only the temporary file behind.
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-    finally:
-        os.unlink(tmp)
-    _fsync_dir(path.parent)
-
-
-class EmbeddedIssuer:
-    """Dev mode's own issuer: an RS256 key pair under data_dir/keys, its JWKS, and minting."""
-
-    def __init__(self, private_key: rsa.RSAPrivateKey, issuer: str) -> None:
-        _check_key_size(private_key.key_size)
-        if not issuer:
-            raise ValueError("issuer must be set")
-        self._private_key = private_key
-        self._issuer = issuer
-        self._kid = rsa_thumbprint(private_key.public_key())
-
-    @classmethod
-    def load_or_create(cls, data_dir: Path, issuer: str) -> EmbeddedIssuer:
-        """Loads data_dir/keys/jwt_signing_key.pem, generating it (mode 0600) on first use."""
-        keys_dir = Path(data_dir) / "keys"
-        keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        private_path = keys_dir / PRIVATE_KEY_FILE
-        if not private_path.exists():
-            key = rsa.generate_private_key(public_exponent=65537, key_size=MIN_RSA_BITS)
-            pem = key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            _write_new_file(private_path, pem, 0o600)
-            logger.info("created embedded signing key in %s", keys_dir)
-        if private_path.stat().st_mode & 0o077:
-            logger.warning("%s is readable by other users; chmod 600 it", private_path)
-        loaded = serialization.load_pem_private_key(private_path.read_bytes(), password=None)
-        if not isinstance(loaded, rsa.RSAPrivateKey):
-            raise ValueError(f"{private_path} does not hold an RSA private key")
-        issuer_obj = cls(loaded, issuer)
-        public_path = keys_dir / PUBLIC_KEY_FILE
-        public_pem = issuer_obj.public_key_pem().encode("ascii")
-        # Derived from the private key, so rewritten whenever it drifts (e.g. key replaced).
-        if not public_path.exists() or public_path.read_bytes() != public_pem:
-            public_path.unlink(missing_ok=True)
-            _write_new_file(public_path, public_pem, 0o644)
-        return issuer_obj
-
-    @property
-    def issuer(self) -> str:
-        return self._issuer
-
-    @property
-    def kid(self) -> str:
-        return self._kid
-
-    def public_key_pem(self) -> str:
-        """The public key as PEM: usable as auth.public_key_pem for networkless verification."""
-        data = self._private_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        return data.decode("ascii")
-
-    def jwks(self) -> dict[str, list[dict[str, str]]]:
-        """The public JWKS document to serve at {issuer}/.well-known/jwks.json."""
-        jwk = rsa_public_jwk(self._private_key.public_key())
-        return {"keys": [{**jwk, "use": "sig", "alg": "RS256", "kid": self._kid}]}
-
-    def mint(self, user_id: str, *, ttl_s: int, now: float | None = None, **extra: Any) -> str:
-        """A session token for `user_id`; `extra` claims (name, email, azp, ...) are added last."""
-        if not user_id:
-            raise ValueError("user_id must not be empty")
-        if ttl_s <= 0:
-            raise ValueError("ttl_s must be positive")
-        issued = int(time.time() if now is None else now)
-        claims: dict[str, Any] = {
-            "iss": self._issuer,
-            "sub": user_id,
-            "sid": f"sess_{secrets.token_hex(12)}",
-            "iat": issued,
-            "nbf": issued,
-            "exp": issued + ttl_s,
-            **extra,
-        }
-        return jwt.encode(
-            claims, self._private_key, algorithm="RS256", headers={"kid": self._kid, "typ": "JWT"}
-        )

@@ -1,22 +1,25 @@
-"""`threadline serve | migrate | token`: parse arguments, call app.py, print."""
+"""`threadline serve | migrate | token | cleanup | config-table`: parse, call app.py, print.
+
+The server (grpc, SQLAlchemy, aiohttp, Alembic: seconds of imports) is imported inside the
+commands that run it, so `threadline token` loads only the settings and the embedded issuer
+(tests/e2e/test_cli_token.py checks which modules it imports).
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+import logging
+import os
+import socket
+import sys
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
-from threadline_server.app import (
-    Endpoints,
-    ThreadlineServer,
-    cleanup,
-    mint_offline,
-    run_migrations,
-    serve,
-)
 from threadline_server.config import Settings, config_table, load_settings
-from threadline_server.observability import setup_logging
+
+if TYPE_CHECKING:
+    from threadline_server.app import Endpoints, ThreadlineServer
 
 cli = typer.Typer(help="Threadline: a gRPC-first realtime messaging backend.", no_args_is_help=True)
 
@@ -24,8 +27,13 @@ ConfigOpt = Annotated[
     str | None, typer.Option("--config", "-c", help="TOML config file (or THREADLINE_CONFIG).")
 ]
 
+# grpc's add_insecure_port reports any failed bind with this RuntimeError and no OS reason.
+_GRPC_BIND_FAILED = "Failed to bind to address "
+
 
 def _settings(config: str | None) -> Settings:
+    from threadline_server.observability import setup_logging
+
     settings = load_settings(config)
     setup_logging(settings.log_level, settings.log_format)
     return settings
@@ -34,6 +42,8 @@ def _settings(config: str | None) -> Settings:
 @cli.command("serve")
 def serve_cmd(config: ConfigOpt = None) -> None:
     """Run the server until SIGTERM/SIGINT (then drain)."""
+    from threadline_server.app import serve
+
     settings = _settings(config)
 
     def started(app: ThreadlineServer, ep: Endpoints) -> None:
@@ -44,30 +54,96 @@ def serve_cmd(config: ConfigOpt = None) -> None:
         print(f"threadline: database {app.db.dialect} ({_redacted(s.database_url)})", flush=True)
         print(f"threadline: storage {storage}; auth {s.auth.mode} (issuer {ep.issuer})", flush=True)
 
-    asyncio.run(serve(settings, started))
+    host = settings.server.host
+    try:
+        asyncio.run(serve(settings, started))
+    except RuntimeError as exc:
+        if not str(exc).startswith(_GRPC_BIND_FAILED):
+            raise
+        _cannot_listen(host, settings.server.port, _why_unbindable(host, settings.server.port))
+    except OSError as exc:
+        # The side HTTP listener (aiohttp, via asyncio's create_server) binds before gRPC
+        # does; its bind errors carry the OS's reason and the address. Other OSErrors (disk,
+        # database) are not about this port and keep their traceback.
+        http_port = settings.server.http_port
+        if exc.errno is None or "bind" not in str(exc) or str(http_port) not in str(exc):
+            raise
+        _cannot_listen(host, http_port, os.strerror(exc.errno).lower(), "http_port")
+
+
+def _cannot_listen(host: str, port: int, why: str, setting: str = "port") -> NoReturn:
+    """One line instead of a traceback: which address, why, and the setting that moves it."""
+    env = f"THREADLINE_SERVER__{setting.upper()}"
+    print(
+        f"threadline: cannot listen on {host}:{port} ({why}); set server.{setting} / {env}",
+        file=sys.stderr,
+    )
+    raise typer.Exit(1)
+
+
+def _why_unbindable(host: str, port: int) -> str:
+    """The OS's reason a bind fails, found by trying one: gRPC's own error does not carry it."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve the host: {exc.strerror}"
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC binds: SO_REUSEADDR, so only a live listener (not TIME_WAIT) conflicts.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                return os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    return "bind failed"
 
 
 @cli.command("migrate")
 def migrate_cmd(config: ConfigOpt = None) -> None:
     """Apply pending schema migrations."""
+    from threadline_server.app import run_migrations
+
     settings = _settings(config)
     asyncio.run(run_migrations(settings))
     print(f"threadline: migrated {_redacted(settings.database_url)}")
 
 
+def _positive_ttl(value: int | None) -> int | None:
+    if value is not None and value <= 0:
+        raise typer.BadParameter(f"must be a positive number of seconds, not {value}")
+    return value
+
+
 @cli.command("token")
 def token_cmd(
     user_id: Annotated[str, typer.Argument(help="The user id (token subject).")],
-    ttl: Annotated[int | None, typer.Option(help="Lifetime in seconds.")] = None,
+    ttl: Annotated[
+        int | None,
+        typer.Option(
+            help="Lifetime in seconds (default: auth.embedded_token_ttl_s).",
+            callback=_positive_ttl,
+        ),
+    ] = None,
     name: Annotated[str, typer.Option(help="Display name claim.")] = "",
     config: ConfigOpt = None,
 ) -> None:
     """Mint a token signed by the embedded issuer (embedded auth mode only)."""
-    settings = _settings(config)
+    # issuer.py, not app.py: minting needs a key file and `cryptography`, not the server.
+    from threadline_server.issuer import mint_offline
+
+    settings = load_settings(config)
+    # Plain stderr lines, not the server's log set-up: that module brings the metrics library,
+    # and the only lines here are the key's creation and a permissions warning.
+    logging.basicConfig(level=settings.log_level, format="threadline: %(message)s")
     if settings.auth.mode != "embedded":
         raise typer.BadParameter("tokens can only be minted in embedded auth mode")
     claims = {"name": name} if name else {}
-    print(mint_offline(settings, user_id, ttl, **claims))
+    try:
+        token = mint_offline(settings, user_id, ttl, **claims)
+    except ValueError as exc:  # an empty user id, a non-positive configured TTL, a bad key file
+        print(f"threadline: cannot mint a token: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    print(token)
 
 
 @cli.command("cleanup")
@@ -78,6 +154,8 @@ def cleanup_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """Remove orphaned uploads (never completed, never attached, or of deleted messages)."""
+    from threadline_server.app import cleanup
+
     settings = _settings(config)
     result = asyncio.run(cleanup(settings, dry_run=dry_run))
     verb = "would remove" if dry_run else "removed"

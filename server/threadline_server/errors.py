@@ -55,13 +55,20 @@ class ProtocolViolation(DomainError):
 
 
 class Unauthenticated(DomainError):
-    """The token is missing, invalid or expired; `reason` says which, coarsely."""
+    """The token is missing, invalid or expired; `reason` says which, coarsely.
+
+    `cause`, when given, names the check that refused the token (see auth_errors.py); it goes
+    into the ErrorInfo metadata as "cause", beside the reason clients key on.
+    """
 
     code = "UNAUTHENTICATED"
 
-    def __init__(self, reason: str, message: str = "authentication failed") -> None:
-        super().__init__(message)
+    def __init__(
+        self, reason: str, message: str = "authentication failed", *, cause: str = ""
+    ) -> None:
+        super().__init__(message, metadata={"cause": cause} if cause else None)
         self.instance_reason = reason
+        self.cause = cause
 
     @property
     def reason_value(self) -> str:

@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.jwks import JwksServer, SigningKey, encode_token
 from threadline_server.auth import EmbeddedIssuer, TokenVerifier, check_pyjwt_version
+from threadline_server.auth_errors import Cause, token_invalid
 from threadline_server.config import AuthSettings
 from threadline_server.domain.models import Principal
 from threadline_server.errors import DomainError, Unavailable, reason_of
@@ -102,8 +103,12 @@ async def expect(awaitable: Awaitable[Principal], code: str, reason: str) -> Dom
     return info.value
 
 
-async def invalid(awaitable: Awaitable[Principal]) -> DomainError:
-    return await expect(awaitable, "UNAUTHENTICATED", "TOKEN_INVALID")
+async def invalid(awaitable: Awaitable[Principal], cause: str) -> DomainError:
+    """TOKEN_INVALID that names the check which refused it, in the message and the metadata."""
+    err = await expect(awaitable, "UNAUTHENTICATED", "TOKEN_INVALID")
+    assert err.metadata == {"cause": cause}
+    assert err.message.startswith("invalid token: ")
+    return err
 
 
 def bearer(token: str) -> list[str]:
@@ -150,14 +155,14 @@ async def test_username_image_url_and_actor_claims(
 
 
 async def test_malformed_act_is_refused(verifier: TokenVerifier, jwks: JwksServer) -> None:
-    await invalid(verifier.verify_token(jwks.mint(act="user_admin")))
+    await invalid(verifier.verify_token(jwks.mint(act="user_admin")), "actor")
 
 
 async def test_impersonation_refused_when_disabled(
     make_verifier: MakeVerifier, jwks: JwksServer
 ) -> None:
     strict = make_verifier(allow_impersonation=False)
-    await invalid(strict.verify_token(jwks.mint(act={"sub": "user_admin"})))
+    await invalid(strict.verify_token(jwks.mint(act={"sub": "user_admin"})), "impersonation")
     assert (await strict.verify_token(jwks.mint())).actor == ""
 
 
@@ -174,7 +179,7 @@ async def test_two_authorization_values_are_refused(
     verifier: TokenVerifier, jwks: JwksServer
 ) -> None:
     token = jwks.mint()
-    await invalid(verifier.verify_authorization(bearer(token) * 2))
+    await invalid(verifier.verify_authorization(bearer(token) * 2), "multiple")
 
 
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
@@ -186,26 +191,26 @@ async def test_bearer_scheme_is_case_insensitive(
 
 
 @pytest.mark.parametrize(
-    "template",
+    ("template", "cause"),
     [
-        "Basic {t}",
-        "Token {t}",
-        "{t}",
-        "Bearer",
-        "Bearer ",
-        "Bearer{t}",
-        "Bearer {t} extra",
-        "Bearer {t}=",
-        "Bearer a.b",
-        "Bearer a.b.c.d",
-        "Bearer a..c",
-        "Bearer a.b+c.d",
+        ("Basic {t}", "scheme"),
+        ("Token {t}", "scheme"),
+        ("{t}", "scheme"),
+        ("Bearer", "scheme"),
+        ("Bearer ", "scheme"),
+        ("Bearer{t}", "scheme"),
+        ("Bearer {t} extra", "scheme"),
+        ("Bearer {t}=", "malformed"),
+        ("Bearer a.b", "malformed"),
+        ("Bearer a.b.c.d", "malformed"),
+        ("Bearer a..c", "malformed"),
+        ("Bearer a.b+c.d", "malformed"),
     ],
 )
 async def test_malformed_authorization_is_invalid(
-    verifier: TokenVerifier, jwks: JwksServer, template: str
+    verifier: TokenVerifier, jwks: JwksServer, template: str, cause: str
 ) -> None:
-    await invalid(verifier.verify_authorization([template.format(t=jwks.mint())]))
+    await invalid(verifier.verify_authorization([template.format(t=jwks.mint())]), cause)
     assert jwks.fetches == 0
 
 
@@ -223,8 +228,10 @@ async def test_authorization_over_8_kib_is_invalid(
     assert len(too_big) > 8192
 
     assert (await verifier.verify_authorization([largest])).display_name.startswith("x")
-    await invalid(verifier.verify_authorization([too_big]))
-    await invalid(verifier.verify_token(value_of_size(pad + 10).removeprefix("Bearer ")))
+    await invalid(verifier.verify_authorization([too_big]), "too_large")
+    await invalid(
+        verifier.verify_token(value_of_size(pad + 10).removeprefix("Bearer ")), "too_large"
+    )
 
 
 # --- step 2: header, before any network ---
@@ -237,7 +244,7 @@ async def test_any_alg_but_rs256_is_refused_before_fetching(
     token = encode_token(
         {"alg": alg, "typ": "JWT", "kid": key_a.kid}, {"iss": jwks.issuer, "sub": "user_x"}
     )
-    await invalid(verifier.verify_token(token))
+    await invalid(verifier.verify_token(token), "algorithm")
     assert jwks.fetches == 0
 
 
@@ -246,7 +253,7 @@ async def test_alg_none_with_empty_signature_is_refused(
 ) -> None:
     token = encode_token({"alg": "none", "kid": key_a.kid}, {"iss": jwks.issuer}, signature=b"")
     assert token.endswith(".")
-    await invalid(verifier.verify_token(token))
+    await invalid(verifier.verify_token(token), "malformed")
 
 
 async def test_hs256_keyed_with_the_public_pem_is_refused(
@@ -255,31 +262,31 @@ async def test_hs256_keyed_with_the_public_pem_is_refused(
     claims = {"iss": jwks.issuer, "sub": "user_x", "sid": "s", "exp": time.time() + 60}
     header = {"alg": "HS256", "typ": "JWT", "kid": key_a.kid}
     token = encode_token(header, claims, hmac_secret=key_a.public_pem().encode())
-    await invalid(make_verifier().verify_token(token))
+    await invalid(make_verifier().verify_token(token), "algorithm")
     # The classic confusion attack targets a verifier holding the PEM itself: refused there too.
-    await invalid(make_verifier(public_key_pem=key_a.public_pem()).verify_token(token))
+    await invalid(make_verifier(public_key_pem=key_a.public_pem()).verify_token(token), "algorithm")
 
 
 @pytest.mark.parametrize(
-    "header",
+    ("header", "cause"),
     [
-        {"typ": "at+jwt"},
-        {"typ": "jwt"},
-        {"kid": 7},
-        {"kid": None},
-        {"kid": ""},
-        {"kid": "k" * 65},
-        {"kid": "key a"},
-        {"crit": ["b64"], "b64": True},
-        {"crit": ["exp"]},
-        {"cat": "cl_other"},
-        {"cat": ""},
+        ({"typ": "at+jwt"}, "type"),
+        ({"typ": "jwt"}, "type"),
+        ({"kid": 7}, "kid"),
+        ({"kid": None}, "kid"),
+        ({"kid": ""}, "kid"),
+        ({"kid": "k" * 65}, "kid"),
+        ({"kid": "key a"}, "kid"),
+        ({"crit": ["b64"], "b64": True}, "crit"),
+        ({"crit": ["exp"]}, "crit"),
+        ({"cat": "cl_other"}, "category"),
+        ({"cat": ""}, "category"),
     ],
 )
 async def test_header_rules(
-    verifier: TokenVerifier, jwks: JwksServer, header: dict[str, Any]
+    verifier: TokenVerifier, jwks: JwksServer, header: dict[str, Any], cause: str
 ) -> None:
-    await invalid(verifier.verify_token(jwks.mint(header=header)))
+    await invalid(verifier.verify_token(jwks.mint(header=header)), cause)
     assert jwks.fetches == 0
 
 
@@ -297,7 +304,7 @@ async def test_jku_header_is_never_fetched(
 ) -> None:
     async with JwksServer([key_b]) as attacker:
         token = attacker.mint(issuer=jwks.issuer, header={"jku": attacker.url})
-        await invalid(verifier.verify_token(token))
+        await invalid(verifier.verify_token(token), "unknown_key")
         assert attacker.fetches == 0
 
 
@@ -307,20 +314,21 @@ async def test_jku_header_is_never_fetched(
 async def test_tampered_payload_is_refused(verifier: TokenVerifier, jwks: JwksServer) -> None:
     head, _, signature = jwks.mint(sub="user_alice").split(".")
     _, body, _ = jwks.mint(sub="user_mallory").split(".")
-    await invalid(verifier.verify_token(f"{head}.{body}.{signature}"))
+    await invalid(verifier.verify_token(f"{head}.{body}.{signature}"), "signature")
 
 
 async def test_signature_by_another_key_under_a_known_kid_is_refused(
     verifier: TokenVerifier, jwks: JwksServer, key_b: SigningKey
 ) -> None:
     forged = SigningKey(key_b.private_key, jwks.keys[0].kid)
-    await invalid(verifier.verify_token(jwks.mint(key=forged)))
+    await invalid(verifier.verify_token(jwks.mint(key=forged)), "signature")
 
 
 async def test_expired_beyond_leeway(verifier: TokenVerifier, jwks: JwksServer) -> None:
     token = jwks.mint(exp=int(time.time()) - 30)
     err = await expect(verifier.verify_token(token), "UNAUTHENTICATED", "TOKEN_EXPIRED")
     assert err.message == "token expired"
+    assert err.metadata == {"cause": "expired"}
 
 
 async def test_expired_within_leeway_is_accepted(verifier: TokenVerifier, jwks: JwksServer) -> None:
@@ -364,52 +372,55 @@ async def test_slightly_future_nbf_and_iat_are_within_leeway(
 async def test_wrong_issuer(
     verifier: TokenVerifier, jwks: JwksServer, make_iss: Callable[[str], Any]
 ) -> None:
-    await invalid(verifier.verify_token(jwks.mint(iss=make_iss(jwks.issuer))))
+    await invalid(verifier.verify_token(jwks.mint(iss=make_iss(jwks.issuer))), "issuer")
 
 
 @pytest.mark.parametrize("claim", ["exp", "iat", "nbf", "iss", "sub", "sid"])
 async def test_required_claims(verifier: TokenVerifier, jwks: JwksServer, claim: str) -> None:
-    await invalid(verifier.verify_token(jwks.mint(drop=[claim])))
+    await invalid(verifier.verify_token(jwks.mint(drop=[claim])), "missing_claim")
 
 
 async def test_audience_is_refused_unless_configured(
     make_verifier: MakeVerifier, jwks: JwksServer
 ) -> None:
     token = jwks.mint(aud="threadline")
-    await invalid(make_verifier().verify_token(token))
+    await invalid(make_verifier().verify_token(token), "audience")
     assert (await make_verifier(audience="threadline").verify_token(token)).user_id
-    await invalid(make_verifier(audience="threadline").verify_token(jwks.mint()))
-    await invalid(make_verifier(audience="threadline").verify_token(jwks.mint(aud="other")))
+    await invalid(make_verifier(audience="threadline").verify_token(jwks.mint()), "audience")
+    await invalid(
+        make_verifier(audience="threadline").verify_token(jwks.mint(aud="other")), "audience"
+    )
 
 
 # --- step 5 onwards: claim types and values PyJWT lets through ---
 
 
 @pytest.mark.parametrize(
-    "claims",
+    ("claims", "cause"),
     [
-        {"exp": "9999999999"},
-        {"nbf": "0"},
-        {"nbf": False},
-        {"iat": "0"},
-        {"iat": True},
-        {"exp": [9999999999]},
-        {"exp": 10**400},
-        {"sub": ""},
-        {"sub": 123},
-        {"sub": "user with spaces"},
-        {"sid": ""},
-        {"sid": 42},
-        {"azp": 1},
-        {"v": 1},
-        {"v": "2"},
-        {"v": True},
+        ({"exp": "9999999999"}, "claim_type"),
+        ({"exp": "soon"}, "claim_type"),
+        ({"nbf": "0"}, "claim_type"),
+        ({"nbf": False}, "claim_type"),
+        ({"iat": "0"}, "claim_type"),
+        ({"iat": True}, "claim_type"),
+        ({"exp": [9999999999]}, "claim_type"),
+        ({"exp": 10**400}, "claim_type"),
+        ({"sub": ""}, "subject"),
+        ({"sub": 123}, "subject"),
+        ({"sub": "user with spaces"}, "subject"),
+        ({"sid": ""}, "session"),
+        ({"sid": 42}, "session"),
+        ({"azp": 1}, "azp"),
+        ({"v": 1}, "version"),
+        ({"v": "2"}, "version"),
+        ({"v": True}, "version"),
     ],
 )
 async def test_claim_types_and_values(
-    verifier: TokenVerifier, jwks: JwksServer, claims: dict[str, Any]
+    verifier: TokenVerifier, jwks: JwksServer, claims: dict[str, Any], cause: str
 ) -> None:
-    await invalid(verifier.verify_token(jwks.mint(**claims)))
+    await invalid(verifier.verify_token(jwks.mint(**claims)), cause)
 
 
 async def test_claim_version_2_is_accepted(verifier: TokenVerifier, jwks: JwksServer) -> None:
@@ -421,8 +432,8 @@ async def test_subject_pattern_is_configurable(
 ) -> None:
     clerkish = make_verifier(subject_pattern=r"^user_[A-Za-z0-9]+$")
     assert (await clerkish.verify_token(jwks.mint(sub="user_2abc"))).user_id == "user_2abc"
-    await invalid(clerkish.verify_token(jwks.mint(sub="user_2abc\n")))
-    await invalid(clerkish.verify_token(jwks.mint(sub="org_2abc")))
+    await invalid(clerkish.verify_token(jwks.mint(sub="user_2abc\n")), "subject")
+    await invalid(clerkish.verify_token(jwks.mint(sub="org_2abc")), "subject")
 
 
 @pytest.mark.parametrize("azp", [APP, "https://other.example.com"])
@@ -441,18 +452,18 @@ async def test_wrong_azp_is_refused(
     make_verifier: MakeVerifier, jwks: JwksServer, azp: str
 ) -> None:
     verifier = make_verifier(mode="clerk", authorized_parties=[APP])
-    await invalid(verifier.verify_token(jwks.mint(azp=azp)))
+    await invalid(verifier.verify_token(jwks.mint(azp=azp)), "azp")
 
 
 async def test_missing_azp_is_refused_unless_allowed(
     make_verifier: MakeVerifier, jwks: JwksServer
 ) -> None:
     token = jwks.mint()
-    await invalid(make_verifier(authorized_parties=[APP]).verify_token(token))
+    await invalid(make_verifier(authorized_parties=[APP]).verify_token(token), "azp_missing")
     lenient = make_verifier(authorized_parties=[APP], allow_missing_azp=True)
     assert (await lenient.verify_token(token)).user_id == "user_alice"
     # The escape hatch is for a missing azp only: a wrong one is still refused.
-    await invalid(lenient.verify_token(jwks.mint(azp="https://evil")))
+    await invalid(lenient.verify_token(jwks.mint(azp="https://evil")), "azp")
 
 
 async def test_azp_is_not_checked_without_authorized_parties(
@@ -483,8 +494,82 @@ async def test_rejections_never_echo_claims(
         with pytest.raises(DomainError) as info:
             await verifier.verify_token(token)
         assert "MARKER9f3" not in str(info.value)
-        assert info.value.message in {"invalid token", "token expired"}
+        assert "MARKER9f3" not in repr(info.value.metadata)
+        assert info.value.message in {
+            "token expired",
+            "invalid token: issuer not accepted",
+            "invalid token: a claim has the wrong type",
+        }
+    assert "token refused" in caplog.text  # the refusals were logged, without the claims
     assert "MARKER9f3" not in caplog.text
+
+
+# --- which check refused: the message and ErrorInfo metadata name it; the log says it once ---
+
+
+async def test_refusals_name_their_check_in_plain_words(
+    verifier: TokenVerifier, jwks: JwksServer
+) -> None:
+    token = jwks.mint()
+    cases = [
+        (verifier.verify_token(jwks.mint(iss="https://other.example.com")), "issuer"),
+        (verifier.verify_authorization([token]), "scheme"),  # no `Bearer ` prefix
+        (verifier.verify_token(jwks.mint(sub="bad user!")), "subject"),
+    ]
+    messages = [(await invalid(call, cause)).message for call, cause in cases]
+    assert messages == [
+        "invalid token: issuer not accepted",
+        "invalid token: authorization is not 'Bearer <token>'",
+        "invalid token: subject not accepted",
+    ]
+    missing = await expect(verifier.verify_authorization([]), "UNAUTHENTICATED", "TOKEN_MISSING")
+    assert (missing.message, missing.metadata) == ("missing token", {"cause": "missing"})
+
+
+def test_every_invalid_cause_has_its_own_phrase() -> None:
+    others = {Cause.MISSING, Cause.EXPIRED, Cause.NOT_YET_VALID}  # reasons of their own
+    causes = [cause for cause in Cause if cause not in others]
+    errors = [token_invalid(cause) for cause in causes]
+    assert len({e.message for e in errors}) == len(errors)
+    assert all(e.message.startswith("invalid token: ") for e in errors)
+    assert [e.metadata for e in errors] == [{"cause": c.value} for c in causes]
+
+
+async def test_each_cause_is_logged_once_a_minute(
+    verifier: TokenVerifier, jwks: JwksServer, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="threadline_server.auth")
+
+    def refusals() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.INFO and r.getMessage().startswith("token refused")
+        ]
+
+    foreign = jwks.mint(iss="https://other.example.com")
+    for _ in range(3):
+        await invalid(verifier.verify_token(foreign), "issuer")
+    await invalid(verifier.verify_authorization([foreign]), "scheme")  # another cause: logged
+    await invalid(
+        verifier.verify_authorization(bearer(foreign)), "issuer"
+    )  # logged once, not twice
+    assert refusals() == [
+        "token refused: invalid token: issuer not accepted (reason TOKEN_INVALID, cause issuer)",
+        "token refused: invalid token: authorization is not 'Bearer <token>' "
+        "(reason TOKEN_INVALID, cause scheme)",
+    ]
+    clock.advance(59.9)
+    await invalid(verifier.verify_token(foreign), "issuer")
+    assert len(refusals()) == 2
+    clock.advance(0.1)  # a minute after the first line
+    await invalid(verifier.verify_token(foreign), "issuer")
+    assert refusals()[2:] == [
+        "token refused: invalid token: issuer not accepted (reason TOKEN_INVALID, cause issuer)"
+        "; 4 more since the last report"
+    ]
+    await invalid(verifier.verify_token(foreign), "issuer")
+    assert len(refusals()) == 3
 
 
 # --- step 3 and section 2.1: keys by kid, JWKS cache ---
@@ -498,9 +583,9 @@ async def test_unknown_kid_refetches_once_then_refuses(
     ghost = SigningKey(key_a.private_key, "ghost")
     clock.advance(31)  # past the cooldown the startup fetch began
 
-    await invalid(verifier.verify_token(jwks.mint(key=ghost)))
+    await invalid(verifier.verify_token(jwks.mint(key=ghost)), "unknown_key")
     assert jwks.fetches == 2
-    await invalid(verifier.verify_token(jwks.mint(key=ghost)))
+    await invalid(verifier.verify_token(jwks.mint(key=ghost)), "unknown_key")
     assert jwks.fetches == 2
 
 
@@ -511,11 +596,13 @@ async def test_unknown_kids_are_bounded_by_the_cooldown(
     clock.advance(31)
     for i in range(20):
         ghost = SigningKey(key_a.private_key, f"ghost-{i}")
-        await invalid(verifier.verify_token(jwks.mint(key=ghost)))
+        await invalid(verifier.verify_token(jwks.mint(key=ghost)), "unknown_key")
         clock.advance(1)
     assert jwks.fetches == 2  # startup + one forced refetch in 20 s of unknown kids
     clock.advance(30)
-    await invalid(verifier.verify_token(jwks.mint(key=SigningKey(key_a.private_key, "late"))))
+    await invalid(
+        verifier.verify_token(jwks.mint(key=SigningKey(key_a.private_key, "late"))), "unknown_key"
+    )
     assert jwks.fetches == 3
 
 
@@ -530,7 +617,7 @@ async def test_rotated_in_kid_is_accepted_after_refetch(
     jwks.keys = [key_a, key_b]
     token = jwks.mint(key=key_b)
     # Within the cooldown of the last fetch the new kid is not fetched yet (PyJWKClient too).
-    await invalid(verifier.verify_token(token))
+    await invalid(verifier.verify_token(token), "unknown_key")
     assert jwks.fetches == 1
     clock.advance(30)
     assert (await verifier.verify_token(token)).user_id == "user_alice"
@@ -552,7 +639,7 @@ async def test_removed_kid_is_refused_after_the_ttl(
     clock.advance(299)
     assert (await verifier.verify_token(token)).user_id == "user_alice"  # still fresh
     clock.advance(1)
-    await invalid(verifier.verify_token(token))
+    await invalid(verifier.verify_token(token), "unknown_key")
     assert jwks.fetches == 2
 
 
@@ -586,7 +673,7 @@ async def test_weak_jwk_is_never_used(
     verifier: TokenVerifier, jwks: JwksServer, weak_key: SigningKey
 ) -> None:
     jwks.extra_jwks = [weak_key.jwk()]
-    await invalid(verifier.verify_token(jwks.mint(key=weak_key)))
+    await invalid(verifier.verify_token(jwks.mint(key=weak_key)), "unknown_key")
     assert jwks.fetches == 1  # fetched, and the 1024-bit key was not taken from it
 
 
@@ -598,7 +685,7 @@ async def test_unusable_jwks_entries_are_skipped(
     verifier: TokenVerifier, jwks: JwksServer, key_b: SigningKey, overrides: dict[str, Any]
 ) -> None:
     jwks.extra_jwks = [key_b.jwk(**overrides)]
-    await invalid(verifier.verify_token(jwks.mint(key=key_b)))
+    await invalid(verifier.verify_token(jwks.mint(key=key_b)), "unknown_key")
     assert (await verifier.verify_token(jwks.mint())).user_id == "user_alice"
 
 
@@ -615,7 +702,7 @@ async def test_duplicate_kid_in_jwks_is_not_trusted(
     # The impostor comes first, so keeping either the first or the last entry would be caught.
     impostor = SigningKey(key_a.private_key, key_b.kid)
     jwks.extra_jwks = [impostor.jwk(), key_b.jwk()]
-    await invalid(verifier.verify_token(jwks.mint(key=key_b)))
+    await invalid(verifier.verify_token(jwks.mint(key=key_b)), "unknown_key")
     assert (await verifier.verify_token(jwks.mint(key=key_a))).user_id == "user_alice"
 
 
@@ -720,7 +807,7 @@ async def test_public_key_pem_verifies_without_network(
     await verifier.start()
     assert verifier.ready
     assert (await verifier.verify_token(jwks.mint())).user_id == "user_alice"
-    await invalid(verifier.verify_token(jwks.mint(key=key_b)))
+    await invalid(verifier.verify_token(jwks.mint(key=key_b)), "signature")
     assert jwks.fetches == 0
     escaped = make_verifier(public_key_pem=key_a.public_pem().replace("\n", "\\n"))
     assert (await escaped.verify_token(jwks.mint())).user_id == "user_alice"
@@ -863,11 +950,25 @@ async def test_embedded_token_from_another_install_is_refused(
         server.extra_jwks = ours.jwks()["keys"]
         verifier = TokenVerifier(AuthSettings(), issuer=server.issuer, jwks_url=server.url)
         try:
-            await invalid(verifier.verify_token(theirs.mint("user_dev", ttl_s=60)))
+            await invalid(verifier.verify_token(theirs.mint("user_dev", ttl_s=60)), "unknown_key")
             expired = ours.mint("user_dev", ttl_s=60, now=time.time() - 3600)
             await expect(verifier.verify_token(expired), "UNAUTHENTICATED", "TOKEN_EXPIRED")
         finally:
             await verifier.close()
+
+
+async def test_embedded_token_for_another_issuer_url_names_the_issuer(data_dir: Path) -> None:
+    """Same data directory, other port settings: the key is known, the issuer is not."""
+    async with JwksServer([]) as server:
+        ours = EmbeddedIssuer.load_or_create(data_dir, server.issuer)
+        other_port = EmbeddedIssuer.load_or_create(data_dir, "http://127.0.0.1:8081")
+        server.extra_jwks = ours.jwks()["keys"]
+        verifier = TokenVerifier(AuthSettings(), issuer=server.issuer, jwks_url=server.url)
+        try:
+            err = await invalid(verifier.verify_token(other_port.mint("alice", ttl_s=60)), "issuer")
+        finally:
+            await verifier.close()
+    assert err.message == "invalid token: issuer not accepted"
 
 
 def test_embedded_mint_rejects_bad_arguments(data_dir: Path) -> None:

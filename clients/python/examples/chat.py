@@ -18,8 +18,10 @@ Commands (anything else is sent to the open thread):
     /retry                   resend failed messages with their original ids
     /quit                    leave
 
-Sends show up at once (pending, marked `…`) and are confirmed in place; if the server goes away
-the session reconnects on its own and sends what you typed meanwhile.
+Sends show up at once (pending, marked `…`) and are confirmed in place (on a terminal the line
+is rewritten; into a pipe a `✓` line follows); if the server goes away the session reconnects on
+its own and sends what you typed meanwhile. A token that cannot be had (`threadline token`
+failing, a refused `--token`) ends the chat with one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ import logging
 import shlex
 import shutil
 import sys
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TextIO, TypeVar
 
 from threadline.v1 import realtime_pb2
 from threadline_client import (
@@ -52,34 +57,141 @@ def token_command(user: str) -> list[str]:
     return [sys.executable, "-m", "threadline_server", "token", user]
 
 
+def _one_line(text: str) -> str:
+    """A CLI's error output as one line (Typer draws usage errors in a box over several)."""
+    words = [line.strip(" │╭╮╰╯─\t") for line in text.splitlines()]
+    kept = [w for w in words if w and not w.startswith(("Usage:", "Try '"))]
+    return " ".join(kept) or "no error output"
+
+
 async def mint(user: str) -> str:
-    """Runs `threadline token USER` and returns the token (a token provider for the SDK)."""
-    process = await asyncio.create_subprocess_exec(
-        *token_command(user), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
+    """Runs `threadline token USER` and returns the token."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *token_command(user), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+    except OSError as exc:
+        raise RuntimeError(f"cannot run threadline token: {exc}") from exc
     out, err = await process.communicate()
     if process.returncode != 0:
-        raise RuntimeError(f"threadline token failed: {err.decode().strip()}")
+        why = _one_line(err.decode(errors="replace"))
+        raise RuntimeError(f"threadline token exited {process.returncode}: {why}")
     return out.decode().strip().splitlines()[-1]
 
 
+class TokenSource:
+    """The SDK's token provider for `--user`: mints with `threadline token`.
+
+    A failure is fatal for the chat (`on_failure`): what makes minting fail here (a config for
+    another auth mode, no `threadline` to run) is not fixed by retrying, so the SDK's retries
+    would only repeat the error until the user gives up.
+    """
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.on_failure: Callable[[str], None] = lambda why: None
+        self._first: str | None = None
+
+    async def prefetch(self) -> None:
+        """Mints the first token now, so a failure ends the chat before anything starts."""
+        self._first = await mint(self.user)
+
+    async def __call__(self) -> str:
+        if self._first is not None:
+            token, self._first = self._first, None
+            return token
+        try:
+            return await mint(self.user)
+        except Exception as exc:
+            self.on_failure(f"cannot get a token for {self.user}: {exc}")
+            raise
+
+
+class Stopped(Exception):
+    """The chat must end; the message is the one line it prints."""
+
+
+T = TypeVar("T")
+
 HELP = (__doc__ or "").split("Commands", 1)[-1].split("Sends show", 1)[0].rstrip()
+
+
+class Screen:
+    """Prints lines, and shows a new version of a line it printed under a key.
+
+    On a terminal the line is rewritten in place (ANSI: save the cursor, up one row, clear,
+    write, restore) if it is still the last one and fits one row; once anything was printed or
+    typed below it, the rows to go up are not known for sure (wrapped input, log output), so
+    the new version is printed below instead. Into a pipe nothing can be rewritten: the new
+    version follows as a line of its own, marked `✓`.
+    """
+
+    def __init__(self, out: TextIO, *, interactive: bool) -> None:
+        self.out = out
+        self.interactive = interactive
+        self.written = 0  # lines printed, and input lines the terminal echoed
+        self.keyed: dict[str, int] = {}  # key -> `written` just after its line (if one row)
+
+    def _one_row(self, text: str) -> bool:
+        return len(text) < shutil.get_terminal_size().columns
+
+    def say(self, text: str, key: str | None = None) -> None:
+        print(text, file=self.out, flush=True)
+        self.written += 1
+        if key is not None:
+            self.keyed[key] = self.written if self._one_row(text) else -1
+
+    def typed(self) -> None:
+        """The terminal echoed an input line below what was printed."""
+        if self.interactive:
+            self.written += 1
+
+    def update(self, key: str, text: str) -> None:
+        """Shows the new version of the line printed under `key`."""
+        after = self.keyed.pop(key, None)
+        if after is None:
+            return
+        if not self.interactive:
+            self.say(f"{text} ✓")
+        elif after == self.written and self._one_row(text):
+            self.out.write(f"\x1b7\x1b[1F\x1b[2K{text}\x1b8")
+            self.out.flush()
+        else:
+            self.say(text)
 
 
 class Chat:
     """Terminal front end: prints what changes, turns input lines into session calls."""
 
-    def __init__(self, session: ThreadlineSession) -> None:
+    def __init__(self, session: ThreadlineSession, screen: Screen) -> None:
         self.session = session
+        self.screen = screen
         self.numbered: list[ThreadView] = []
+        self.closing = False
+        self.stopped: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         session.store.subscribe(self.on_change)
+
+    def stop(self, why: str) -> None:
+        """Ends the chat: `why` is printed as its last line and the exit status is 1."""
+        if not self.stopped.done():
+            self.stopped.set_result(why)
+
+    async def until_stopped(self, awaitable: Awaitable[T]) -> T:
+        """Awaits `awaitable`; raises Stopped instead if the chat must end first."""
+        task = asyncio.ensure_future(awaitable)
+        waits: list[asyncio.Future[Any]] = [task, self.stopped]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if self.stopped.done():
+            task.cancel()
+            raise Stopped(self.stopped.result())
+        return task.result()
 
     @property
     def me(self) -> str:
         return self.session.state.user.id
 
     def say(self, text: str) -> None:
-        print(text, flush=True)
+        self.screen.say(text)
 
     def title(self, thread_id: str) -> str:
         view = self.session.store.thread(thread_id)
@@ -95,6 +207,10 @@ class Chat:
     def on_change(self, change: Change) -> None:
         if change.kind is ChangeKind.CONNECTION and change.connection is not None:
             self.say(f"-- {change.connection.value}")
+            # OFFLINE without /quit: the session gave up (a token the server keeps refusing).
+            if change.connection is ConnectionState.OFFLINE and not self.closing:
+                self.stop(f"gave up connecting: {self.session.last_error or 'stopped'}")
+        self.show_own(change)
         for event in change.events:
             self.on_event(event)
         for outcome in change.outcomes:
@@ -102,6 +218,17 @@ class Chat:
                 self.say(f"!! {outcome.op.kind.value} failed: {outcome.error} (/retry to resend)")
             elif outcome.status is OpStatus.CONFLICT:
                 self.say("!! your change conflicted with another one; kept the server's version")
+
+    def show_own(self, change: Change) -> None:
+        """Your own sends and edits: shown at once as pending, then confirmed in place."""
+        active = self.session.state.ui.active_thread
+        for m in change.messages:
+            if m.local_id in self.screen.keyed and not m.pending:
+                self.screen.update(m.local_id, self.line(m))
+            elif change.kind is ChangeKind.LOCAL and m.pending and m.thread_id == active:
+                self.screen.say(self.line(m), key=m.local_id)
+        for m in change.removed:  # a rejected send leaves the thread for messages.failed
+            self.screen.update(m.local_id, f"  {m.author_id}: {m.text} (failed)")
 
     def on_event(self, event: realtime_pb2.Event) -> None:
         kind = event.kind
@@ -216,8 +343,27 @@ class Chat:
         self.say(f"resending {len(failed)} operation(s)")
 
 
+def _stdin_lines(loop: asyncio.AbstractEventLoop) -> asyncio.Queue[str | None]:
+    """Input lines, read by a daemon thread: a blocked read never holds up leaving (a thread
+    of the default executor would keep the process alive until the user pressed Enter)."""
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def pump() -> None:
+        while True:
+            line = sys.stdin.readline()
+            try:
+                loop.call_soon_threadsafe(lines.put_nowait, line or None)  # "" is end of input
+            except RuntimeError:  # the loop closed: the chat is over
+                return
+            if not line:
+                return
+
+    threading.Thread(target=pump, name="stdin", daemon=True).start()
+    return lines
+
+
 async def main(argv: list[str] | None = None) -> int:
-    """Parses arguments, runs the chat until /quit or end of input."""
+    """Parses arguments, runs the chat until /quit or end of input; 1 when a token fails."""
     parser = argparse.ArgumentParser(description="A terminal chat on ThreadlineSession.")
     parser.add_argument("--target", default="localhost:50051", help="server address")
     who = parser.add_mutually_exclusive_group(required=True)
@@ -226,31 +372,52 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="log the SDK's debug output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
+    if not args.debug:
+        # The chat prints connection changes and errors itself; the SDK's warnings would say
+        # the same again between the chat's lines.
+        logging.getLogger("threadline_client").setLevel(logging.ERROR)
 
-    user = args.user
-    provider = args.token if args.token else (lambda: mint(user))
-    session = await ThreadlineSession.connect(args.target, provider, start=False)
-    chat = Chat(session)
-    await session.start()
+    source = TokenSource(args.user) if args.user else None
     try:
+        if source is not None:
+            try:
+                await source.prefetch()
+            except Exception as exc:
+                raise Stopped(f"cannot get a token for {args.user}: {exc}") from None
+        session = await ThreadlineSession.connect(args.target, source or args.token, start=False)
+        interactive = sys.stdin.isatty() and sys.stdout.isatty()
+        chat = Chat(session, Screen(sys.stdout, interactive=interactive))
+        if source is not None:
+            source.on_failure = chat.stop
+        await session.start()
         try:
-            await session.wait_connection(ConnectionState.ONLINE, timeout=15)
-        except TimeoutError:
-            chat.say(f"!! not online yet ({session.last_error}); still trying in the background")
-        else:
-            chat.say(f"signed in as {chat.me}; /threads to list, /quit to leave")
-        while True:
-            line = await asyncio.to_thread(sys.stdin.readline)
-            if not line:  # end of input
-                break
-            if not await chat.handle(line.strip()):
-                break
-        # Give queued sends a moment to go out before leaving.
-        with contextlib.suppress(TimeoutError):
-            await session.wait_until(lambda s: not s.ops.pending, timeout=5)
-    finally:
-        await session.close()
+            await run(chat)
+        finally:
+            chat.closing = True
+            await session.close()
+    except Stopped as stop:
+        print(f"chat: {stop}", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+async def run(chat: Chat) -> None:
+    """Reads commands until /quit or end of input (Stopped if the chat must end)."""
+    session = chat.session
+    lines = _stdin_lines(asyncio.get_running_loop())
+    try:
+        await chat.until_stopped(session.wait_connection(ConnectionState.ONLINE, timeout=15))
+    except TimeoutError:
+        chat.say(f"!! not online yet ({session.last_error}); still trying in the background")
+    else:
+        chat.say(f"signed in as {chat.me}; /threads to list, /quit to leave")
+    while (line := await chat.until_stopped(lines.get())) is not None:
+        chat.screen.typed()
+        if not await chat.handle(line.strip()):
+            break
+    # Give queued sends a moment to go out before leaving.
+    with contextlib.suppress(TimeoutError):
+        await chat.until_stopped(session.wait_until(lambda s: not s.ops.pending, timeout=5))
 
 
 if __name__ == "__main__":

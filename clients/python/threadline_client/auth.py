@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
+from threadline_client.errors import make_error
+
 __all__ = [
     "DEFAULT_REFRESH_MARGIN",
     "BearerAuthInterceptor",
@@ -219,6 +221,9 @@ class TokenCache:
 
         Returns:
             The token.
+
+        Raises:
+            Unauthenticated: The provider raised (the original exception is the `__cause__`).
         """
         if not force and (cached := self._fresh_token()) is not None:
             return cached
@@ -226,8 +231,16 @@ class TokenCache:
             # Another caller may have refreshed while this one waited for the lock.
             if not force and (cached := self._fresh_token()) is not None:
                 return cached
-            result = self._provider()
-            token = await result if inspect.isawaitable(result) else result
+            try:
+                result = self._provider()
+                token = await result if inspect.isawaitable(result) else result
+            except Exception as exc:
+                # Still a ThreadlineError (callers catch one type), UNAUTHENTICATED because
+                # there is no token to send: a session counts it as non-transient and goes
+                # offline after a few instead of retrying a broken provider for ever.
+                raise make_error(
+                    grpc.StatusCode.UNAUTHENTICATED, f"token provider failed: {exc!r}"
+                ) from exc
             if not isinstance(token, str):
                 raise TypeError(f"token provider returned {type(token).__name__}, expected str")
             self._token = token

@@ -535,8 +535,9 @@ class ThreadlineSession:
     async def _refresh_token(self) -> None:
         try:
             await self.client.auth.get(force=True)
-        except Exception:  # a provider failure is the next attempt's problem, with backoff
-            logger.warning("token provider failed", exc_info=True)
+        except Exception as exc:  # a provider failure is the next attempt's problem, with backoff
+            # A failing provider is a ThreadlineError naming its error: no traceback for it.
+            logger.warning("%s", exc, exc_info=not isinstance(exc, ThreadlineError))
 
     async def _connect_once(self) -> _StreamEnd:
         """One stream: open, sync, serve until it ends. Never raises ThreadlineError."""

@@ -158,9 +158,10 @@ class RealtimeStream:
         """
         if self._call is not None:
             raise RuntimeError("stream already started")
-        loop = asyncio.get_running_loop()
-        self._welcome_future = loop.create_future()
+        # The token first: a provider that fails must not leave a Welcome future behind that
+        # nobody awaits (close() would fail it, and asyncio would log it as never retrieved).
         self._token = await self._tokens.get()
+        self._welcome_future = asyncio.get_running_loop().create_future()
         claims = decode_jwt_claims(self._token)
         self._token_issued_at = (claims.issued_at if claims else None) or time.time()
         self._token_expires_at = claims.expires_at if claims else None
