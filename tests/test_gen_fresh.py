@@ -1,4 +1,5 @@
-"""gen/ must be exactly what .ci/gen produces from protos/ (stale generated code fails here)."""
+"""gen/ (Python and TypeScript) must be exactly what .ci/gen produces from protos/ (stale
+generated code fails here)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def _tree(path: Path) -> dict[str, bytes]:
 
 
 def test_generated_code_is_fresh(tmp_path):
-    out = tmp_path / "python"
+    out = tmp_path / "gen"
     # The interpreter running the tests (and the protoc plugins beside it) generate the code,
     # whether or not its venv is activated: `.venv/bin/pytest` from a bare shell must work.
     bin_dir = str(Path(sys.executable).parent)
@@ -38,7 +39,11 @@ def test_generated_code_is_fresh(tmp_path):
     assert gen.returncode == 0, (
         f".ci/gen exited {gen.returncode}\nstdout:\n{gen.stdout}\nstderr:\n{gen.stderr}"
     )
-    committed, fresh = _tree(ROOT / "gen" / "python"), _tree(out)
-    assert sorted(committed) == sorted(fresh), "gen/ has missing or extra files: run .ci/gen"
-    stale = [name for name in fresh if committed[name] != fresh[name]]
-    assert not stale, f"stale generated files (run .ci/gen): {stale}"
+    for language in ("python", "ts"):
+        committed, fresh = _tree(ROOT / "gen" / language), _tree(out / language)
+        assert fresh, f".ci/gen wrote no {language} code"
+        assert sorted(committed) == sorted(fresh), (
+            f"gen/{language} has missing or extra files: run .ci/gen"
+        )
+        stale = [name for name in fresh if committed[name] != fresh[name]]
+        assert not stale, f"stale generated files in gen/{language} (run .ci/gen): {stale}"
