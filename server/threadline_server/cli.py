@@ -1,4 +1,4 @@
-"""`threadline serve | migrate | token | cleanup | config-table`: parse, call app.py, print.
+"""`threadline serve | migrate | token | cleanup | config-table | edge-config`: parse, call, print.
 
 The server (grpc, SQLAlchemy, aiohttp, Alembic: seconds of imports) is imported inside the
 commands that run it, so `threadline token` loads only the settings and the embedded issuer
@@ -8,6 +8,7 @@ commands that run it, so `threadline token` loads only the settings and the embe
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -39,12 +40,26 @@ def _settings(config: str | None) -> Settings:
     return settings
 
 
+WebOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--web/--no-web",
+        help="Run the grpc-web edge (Envoy) or not; default: web.mode (auto: when installed).",
+    ),
+]
+
+
 @cli.command("serve")
-def serve_cmd(config: ConfigOpt = None) -> None:
+def serve_cmd(config: ConfigOpt = None, web: WebOpt = None) -> None:
     """Run the server until SIGTERM/SIGINT (then drain)."""
     from threadline_server.app import serve
 
     settings = _settings(config)
+    if web is not None:
+        mode = "on" if web else "off"
+        settings = settings.model_copy(
+            update={"web": settings.web.model_copy(update={"mode": mode})}
+        )
 
     def started(app: ThreadlineServer, ep: Endpoints) -> None:
         s = app.settings
@@ -52,6 +67,8 @@ def serve_cmd(config: ConfigOpt = None) -> None:
         print(f"threadline: gRPC listening on {s.server.host}:{ep.grpc_port}", flush=True)
         print(f"threadline: HTTP listening on {s.server.host}:{ep.http_port}", flush=True)
         print(f"threadline: database {app.db.dialect} ({_redacted(s.database_url)})", flush=True)
+        if ep.web_port:
+            print(f"threadline: grpc-web edge on http://{s.server.host}:{ep.web_port}", flush=True)
         print(f"threadline: storage {storage}; auth {s.auth.mode} (issuer {ep.issuer})", flush=True)
 
     host = settings.server.host
@@ -96,6 +113,22 @@ def _why_unbindable(host: str, port: int) -> str:
             except OSError as exc:
                 return os.strerror(exc.errno).lower() if exc.errno else str(exc)
     return "bind failed"
+
+
+@cli.command("edge-config")
+def edge_config_cmd(config: ConfigOpt = None) -> None:
+    """Print the Envoy config of the grpc-web edge, for operators who run their own Envoy."""
+    from threadline_server.edge.envoy_config import default_origins, envoy_config
+
+    settings = _settings(config)
+    s = settings.server
+    origins = settings.web.allowed_origins or default_origins(settings, s.http_port)
+    port = settings.web.port or 8090
+    print(
+        json.dumps(
+            envoy_config(settings, web_port=port, grpc_port=s.port, origins=origins), indent=2
+        )
+    )
 
 
 @cli.command("migrate")

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from google.rpc import error_details_pb2
 
 from tests.conftest import bearer
 from tests.support import grpc_web
+from tests.support.process import free_port
 from threadline.v1 import realtime_pb2 as rt
 from threadline.v1 import realtime_service_pb2 as rs
 from threadline.v1 import thread_pb2
@@ -216,3 +218,61 @@ async def test_a_dead_edge_is_restarted_and_native_grpc_never_notices(edge: Thre
     assert result.status == 0
     page = edge.metrics.render().decode()
     assert "threadline_edge_restarts_total 1.0" in page and "threadline_edge_up 1.0" in page
+
+
+def test_threadline_serve_web_runs_the_edge_and_edge_config_is_what_it_runs(tmp_path: Path):
+    """The CLI path a user takes: `threadline serve --web`, then the README's buf curl."""
+    grpc_port, http_port, web_port = free_port(), free_port(), free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("THREADLINE_")},
+        "THREADLINE_SERVER__DATA_DIR": str(tmp_path / "data"),
+        "THREADLINE_SERVER__PORT": str(grpc_port),
+        "THREADLINE_SERVER__HTTP_PORT": str(http_port),
+        "THREADLINE_WEB__PORT": str(web_port),
+    }
+    run = [sys.executable, "-m", "threadline_server"]
+    proc = subprocess.Popen(
+        [*run, "serve", "--web"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "storage" in line and "auth" in line:
+                break
+        assert f"threadline: grpc-web edge on http://127.0.0.1:{web_port}\n" in lines, lines
+        token = subprocess.run(
+            [*run, "token", "alice"], env=env, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        done = subprocess.run(
+            [
+                str(BUF),
+                "curl",
+                "--protocol",
+                "grpcweb",
+                "--schema",
+                str(ROOT),
+                "-H",
+                f"authorization: Bearer {token}",
+                f"http://127.0.0.1:{web_port}/threadline.v1.UserService/GetMe",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert json.loads(done.stdout)["user"]["id"] == "alice"
+        printed = subprocess.run(
+            [*run, "edge-config"], env=env, capture_output=True, text=True, check=True
+        ).stdout
+        written = (tmp_path / "data" / f"envoy-{web_port}.json").read_text()
+        assert json.loads(printed) == json.loads(written)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)  # drains and closes its output
