@@ -10,13 +10,10 @@ fifth of its start-up for a compact JWS that takes six lines; PyJWT still verifi
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import secrets
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from threadline_server.config import Settings
+from threadline_server.durable import write_new_file
 
 logger = logging.getLogger("threadline_server.auth")  # one logger for everything auth
 
@@ -66,32 +64,6 @@ def rsa_thumbprint(key: rsa.RSAPublicKey) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_new_file(path: Path, data: bytes, mode: int) -> None:
-    """Writes `path` whole or not at all, never replacing a file another process put there."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), mode)
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        # link() fails if the name exists, so of two servers starting at once one key wins
-        # and both load it; a crash mid-write leaves only the temporary file behind.
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-    finally:
-        os.unlink(tmp)
-    _fsync_dir(path.parent)
-
-
 class EmbeddedIssuer:
     """Dev mode's own issuer: an RS256 key pair under data_dir/keys, its JWKS, and minting."""
 
@@ -116,7 +88,7 @@ class EmbeddedIssuer:
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             )
-            _write_new_file(private_path, pem, 0o600)
+            write_new_file(private_path, pem, 0o600)
             logger.info("created embedded signing key in %s", keys_dir)
         if private_path.stat().st_mode & 0o077:
             logger.warning("%s is readable by other users; chmod 600 it", private_path)
@@ -129,7 +101,7 @@ class EmbeddedIssuer:
         # Derived from the private key, so rewritten whenever it drifts (e.g. key replaced).
         if not public_path.exists() or public_path.read_bytes() != public_pem:
             public_path.unlink(missing_ok=True)
-            _write_new_file(public_path, public_pem, 0o644)
+            write_new_file(public_path, public_pem, 0o644)
         return issuer_obj
 
     @property

@@ -56,24 +56,12 @@ def web_url(app: ThreadlineServer, path: str) -> str:
     return f"http://127.0.0.1:{app.endpoints.web_port}/{path}"
 
 
-def buf_curl(
-    app: ThreadlineServer, method: str, body: dict[str, object], token: str
-) -> tuple[int, str]:
+def buf_curl(url: str, token: str, body: dict[str, object] | None = None) -> tuple[int, str]:
     """The README's command: buf curl through the edge, schema from protos/."""
+    data = ["-d", json.dumps(body)] if body is not None else []
+    auth = ["-H", f"authorization: Bearer {token}"]
     done = subprocess.run(
-        [
-            str(BUF),
-            "curl",
-            "--protocol",
-            "grpcweb",
-            "--schema",
-            str(ROOT),
-            "-H",
-            f"authorization: Bearer {token}",
-            "-d",
-            json.dumps(body),
-            web_url(app, method),
-        ],
+        [str(BUF), "curl", "--protocol", "grpcweb", "--schema", str(ROOT), *auth, *data, url],
         capture_output=True,
         text=True,
         timeout=60,
@@ -85,10 +73,9 @@ def buf_curl(
 async def test_buf_curl_grpcweb_through_the_edge(edge: ThreadlineServer):
     code, out = await asyncio.to_thread(
         buf_curl,
-        edge,
-        "threadline.v1.ThreadService/CreateThread",
-        {"thread": {"title": "Lunch", "participant_ids": ["bob"]}},
+        web_url(edge, "threadline.v1.ThreadService/CreateThread"),
         edge.mint("alice", 600),
+        {"thread": {"title": "Lunch", "participant_ids": ["bob"]}},
     )
     assert code == 0, out
     created = json.loads(out)["thread"]
@@ -249,25 +236,9 @@ def test_threadline_serve_web_runs_the_edge_and_edge_config_is_what_it_runs(tmp_
         token = subprocess.run(
             [*run, "token", "alice"], env=env, capture_output=True, text=True, check=True
         ).stdout.strip()
-        done = subprocess.run(
-            [
-                str(BUF),
-                "curl",
-                "--protocol",
-                "grpcweb",
-                "--schema",
-                str(ROOT),
-                "-H",
-                f"authorization: Bearer {token}",
-                f"http://127.0.0.1:{web_port}/threadline.v1.UserService/GetMe",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert json.loads(done.stdout)["user"]["id"] == "alice"
+        code, out = buf_curl(f"http://127.0.0.1:{web_port}/threadline.v1.UserService/GetMe", token)
+        assert code == 0, out
+        assert json.loads(out)["user"]["id"] == "alice"
         printed = subprocess.run(
             [*run, "edge-config"], env=env, capture_output=True, text=True, check=True
         ).stdout

@@ -36,6 +36,7 @@ from typing import IO, ClassVar
 from urllib.parse import quote, urlencode
 
 from threadline_server.domain.uploads import ObjectInfo, SignedUrl, normalize_content_type
+from threadline_server.durable import fsync_dir, write_new_file
 
 logger = logging.getLogger(__name__)
 
@@ -127,32 +128,13 @@ def load_or_create_secret(path: Path) -> bytes:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         encoded = base64.b64encode(secrets.token_bytes(32)) + b"\n"
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                os.fchmod(out.fileno(), 0o600)
-                out.write(encoded)
-                out.flush()
-                os.fsync(out.fileno())
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)
-        finally:
-            os.unlink(tmp)
-        _fsync_dir(path.parent)
+        write_new_file(path, encoded, 0o600)
     if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         logger.warning("%s is readable by other users; chmod 600 it", path)
     secret = base64.b64decode(path.read_bytes().strip(), validate=True)
     if len(secret) < 32:
         raise ValueError(f"{path} holds a secret shorter than 32 bytes")
     return secret
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LocalBlobStore:
@@ -385,7 +367,7 @@ class LocalSink:
                 raise ObjectExists("an object already exists under this key") from exc
             except (NotADirectoryError, IsADirectoryError) as exc:
                 raise ObjectExists("the key conflicts with an existing object") from exc
-            _fsync_dir(self._target.parent)
+            fsync_dir(self._target.parent)
             info = ObjectInfo(self.received, self.grant.content_type, self._digest.hexdigest())
             self._write_meta(info)
             return info
@@ -411,7 +393,7 @@ class LocalSink:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(self._meta.parent)
+        fsync_dir(self._meta.parent)
 
     def _discard(self) -> None:
         with contextlib.suppress(OSError):
