@@ -397,7 +397,8 @@ class ThreadlineServer:
             task.cancel()
         await self.health.enter_graceful_shutdown()
         if self.realtime is not None:
-            self.realtime.drain()
+            # Each stream's status goes out within half the grace, before server.stop cancels.
+            self.realtime.drain(grace)
         if self.server is not None:
             await self.server.stop(grace)
         if self.edge is not None:  # after the browser streams it carried got their drain frames

@@ -30,6 +30,7 @@ class ServerProcess:
             "THREADLINE_SERVER__HTTP_PORT": str(self.http_port),
             "THREADLINE_DATABASE__URL": db_url,
             "THREADLINE_LIMITS__OPERATIONS_PER_MINUTE": "0",
+            "THREADLINE_WEB__MODE": "off",  # the grpc-web edge has its own tests
             **env,
         }
         self.proc: subprocess.Popen[str] | None = None

@@ -17,10 +17,17 @@ _ids = itertools.count(1)
 
 class RawStream:
     """Writes ClientFrames; one reader task files ServerFrames as replies (by request id) or
-    pushes (in order), so many requests can be in flight at once."""
+    pushes (in order), so many requests can be in flight at once.
 
-    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
+    Like a well-behaved client, it half-closes when a StreamError frame says the stream is
+    ending (`half_close_on_error`), so that the server can send the status at once; without
+    that the server sends it once it has waited a moment for the client's last writes."""
+
+    def __init__(
+        self, channel: grpc.aio.Channel, token: str, *, half_close_on_error: bool = True
+    ) -> None:
         self._out: asyncio.Queue[rs.ConnectRequest | None] = asyncio.Queue()
+        self._half_close_on_error = half_close_on_error
         self.call = rsg.RealtimeServiceStub(channel).Connect(
             self._requests(), metadata=(("authorization", f"Bearer {token}"),)
         )
@@ -43,6 +50,8 @@ class RawStream:
                     break
                 assert isinstance(response, rs.ConnectResponse)
                 frame = response.frame
+                if frame.WhichOneof("kind") == "error" and self._half_close_on_error:
+                    self.half_close()
                 waiter = self._replies.pop(frame.request_id, None) if frame.request_id else None
                 if waiter is not None and not waiter.done():
                     waiter.set_result(frame)
@@ -62,6 +71,15 @@ class RawStream:
         self._replies[frame.request_id] = asyncio.get_running_loop().create_future()
         self._out.put_nowait(rs.ConnectRequest(frame=frame))
         return frame.request_id
+
+    def push(self, frame: rt.ClientFrame) -> None:
+        """Writes a frame that expects no reply (a reply, if any, arrives as a push)."""
+        self._out.put_nowait(rs.ConnectRequest(frame=frame))
+
+    @property
+    def unsent(self) -> int:
+        """Frames queued but not yet taken by the call's writer."""
+        return self._out.qsize()
 
     def half_close(self) -> None:
         self._out.put_nowait(None)
@@ -126,6 +144,7 @@ class RawStream:
         return await self.call.code()
 
     def cancel(self) -> None:
+        self._out.put_nowait(None)  # ends the request iterator even if the call is over
         self.call.cancel()
         self._reader.cancel()
 

@@ -501,6 +501,9 @@ class RealtimeStream:
                 self._welcome_future.set_result(frame.welcome)
         elif kind == "error":
             self._stream_error = frame.error
+            # The stream's last word: stop writing and half-close, so the server sends its
+            # status at once (it waits up to a second for this before ending the call).
+            self._outbox.put_nowait(None)
         waiter = self._pending.get(frame.request_id) if frame.request_id else None
         if waiter is None and kind == "operation_result":
             # Results replayed for pending_op_ids after a resume answer no frame of this stream.

@@ -4,7 +4,8 @@ message costs CPU and saves nothing (often it grows)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
@@ -20,10 +21,14 @@ def send_plain_if_small(
         context.disable_next_message_compression()
 
 
-async def per_message(
-    context: grpc.aio.ServicerContext[Any, Any], frames: AsyncIterator[bytes], threshold: int
-) -> AsyncIterator[bytes]:
-    """A stream of pre-encoded frames, each compressed only from the threshold up."""
-    async for item in frames:
-        send_plain_if_small(context, len(item), threshold)
-        yield item
+async def write_all(
+    context: grpc.aio.ServicerContext[Any, Any],
+    frames: AsyncGenerator[bytes, None],
+    threshold: int,
+) -> None:
+    """Writes a stream of pre-encoded frames, each compressed only from the threshold up, and
+    closes `frames` however the writing ends, so that its clean-up runs at once."""
+    async with contextlib.aclosing(frames):
+        async for item in frames:
+            send_plain_if_small(context, len(item), threshold)
+            await context.write(item)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,12 @@ from threadline_server.errors import DomainError, Unauthenticated
 from threadline_server.observability import Metrics, bind_log_context
 from threadline_server.transport.compression import DEFAULT_THRESHOLD, send_plain_if_small
 from threadline_server.transport.status import internal_status, to_status
+
+logger = logging.getLogger(__name__)
+
+# How long a handler whose write failed waits for grpc to cancel it (it does so as soon as its
+# event loop has seen the hang-up, in practice at once). Only bounds an unexpected case.
+_HANG_UP_WAIT_S = 5.0
 
 
 class TokenVerifier(Protocol):
@@ -93,13 +100,34 @@ async def abort(
     exc: BaseException,
     metrics: Metrics | None = None,
 ) -> None:
+    """Ends the call with the status for `exc`: raises grpc's AbortError, except when the
+    client has already gone (then it returns, and grpc ends the call quietly)."""
     if isinstance(exc, DomainError):
         status = to_status(exc)
     else:
         status, _ = internal_status(exc)
     if metrics is not None:
         metrics.errors.labels(_CODE_NAMES.get(status.code, "UNKNOWN")).inc()
-    await context.abort_with_status(rpc_status.to_status(status))
+    try:
+        await context.abort_with_status(rpc_status.to_status(status))
+    except grpc.aio.InternalError:
+        await hung_up(context)
+
+
+async def hung_up(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Call where a write or the status failed in grpc (ExecuteBatchError): the call is gone
+    because the client hung up (cancelled, deadline, connection lost). That is normal: it is
+    logged at debug, and the handler then returns (or is cancelled by grpc) without a trace.
+
+    grpc logs an ExecuteBatchError that leaves a handler as an error with a traceback, unless
+    its own watcher has already seen the hang-up (it usually has, but not always: both are
+    completions from Core, in either order). So: if the status was sent (a failed abort), grpc
+    needs nothing more and returning is quiet (it re-raises its own AbortError, which it
+    expects). If not, grpc would try to send one over the dead call on return; instead this
+    waits until grpc's watcher, having seen the hang-up, cancels the handler."""
+    logger.debug("client hung up")
+    if not context.done():
+        await asyncio.sleep(_HANG_UP_WAIT_S)
 
 
 T = TypeVar("T")
@@ -133,7 +161,7 @@ def _wrap_unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[An
             raise
         except Exception as exc:  # the boundary: everything becomes a status
             await abort(context, exc, getattr(self, "metrics", None))
-            raise AssertionError("unreachable") from exc  # abort always raises
+            return None  # only if the client hung up: grpc then ends the call quietly
 
     return wrapper
 

@@ -7,12 +7,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-from grpc_status import rpc_status
 
 from threadline.v1 import realtime_pb2 as rt
 from threadline.v1 import realtime_service_pb2 as rs
@@ -35,7 +34,7 @@ from threadline_server.realtime.session import Close, EventBytes, SessionInfo, S
 from threadline_server.realtime.typing import TypingTracker
 from threadline_server.transport import codec, compression, frames
 from threadline_server.transport.dispatcher import FrameDispatcher
-from threadline_server.transport.guard import Authenticator, abort, bind_request
+from threadline_server.transport.guard import Authenticator, abort, bind_request, hung_up
 from threadline_server.transport.status import duration, internal_status, to_status
 
 logger = logging.getLogger(__name__)
@@ -43,6 +42,9 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 _IN_FLIGHT_PER_STREAM = 64
 _ADVISORY = ("typing", "ack")
+# After a stream's final StreamError frame, how long the server waits for the client to
+# half-close before it sends the status anyway (see `_serve`).
+_CLOSE_WAIT_S = 1.0
 
 
 class RealtimeServicer:
@@ -67,26 +69,36 @@ class RealtimeServicer:
         self.typing = typing
         self.presence = presence
         self.draining = False
+        self.close_wait_s = _CLOSE_WAIT_S
 
     # ---- RPCs ---------------------------------------------------------------------------
 
     async def Connect(
         self, request_iterator: AsyncIterator[rs.ConnectRequest], context: Ctx
-    ) -> AsyncIterator[bytes]:
+    ) -> None:
         bind_request(context, "Connect")
         try:
             principal = await self.auth.authenticate(context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # the boundary
+            # Refused, but only once the Hello that every client writes at once has arrived:
+            # ending the call while that write is in flight makes grpc's Python client report
+            # INTERNAL in place of this status (grpc/grpc#36066).
+            with contextlib.suppress(Exception):
+                await self._first_frame(request_iterator)
+            await abort(context, exc)
+            return
+        try:
             first = await self._first_frame(request_iterator)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:  # the boundary
             await abort(context, exc)
             return
-        frames = self._serve(context, principal, first, request_iterator)
-        async for item in self._compressed(context, frames):
-            yield item
+        await self._send(context, self._serve(context, principal, first, request_iterator))
 
-    async def Subscribe(self, request: rs.SubscribeRequest, context: Ctx) -> AsyncIterator[bytes]:
+    async def Subscribe(self, request: rs.SubscribeRequest, context: Ctx) -> None:
         bind_request(context, "Subscribe")
         try:
             principal = await self.auth.authenticate(context)
@@ -96,8 +108,7 @@ class RealtimeServicer:
             await abort(context, exc)
             return
         first = rt.ClientFrame(hello=request.hello)
-        async for item in self._compressed(context, self._serve(context, principal, first, None)):
-            yield item
+        await self._send(context, self._serve(context, principal, first, None))
 
     async def Submit(self, request: rs.SubmitRequest, context: Ctx) -> rs.SubmitResponse:
         bind_request(context, "Submit")
@@ -119,21 +130,26 @@ class RealtimeServicer:
             raise
         except Exception as exc:  # the boundary
             await abort(context, exc)
-            raise AssertionError("unreachable") from exc
+            return rs.SubmitResponse()  # only if the client hung up: grpc discards it
 
     # ---- the shared session machinery ---------------------------------------------------
 
-    def _compressed(self, context: Ctx, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """gzip (when the client accepts it) for frames from the threshold up: replay pages,
-        long texts, busy batches."""
-        return compression.per_message(
-            context, frames, self.settings.limits.compression_threshold_bytes
-        )
+    async def _send(self, context: Ctx, frames: AsyncGenerator[bytes, None]) -> None:
+        """Writes the stream's frames (gzip, when the client accepts it, from the threshold up:
+        replay pages, long texts, busy batches). The handler writes them itself rather than
+        yielding them to grpc, so that a write failing because the client hung up is seen
+        here: a normal end, handled quietly, with the session cleaned up at once."""
+        threshold = self.settings.limits.compression_threshold_bytes
+        try:
+            await compression.write_all(context, frames, threshold)
+        except grpc.aio.InternalError:  # a failed batch (ExecuteBatchError): the call is gone
+            await hung_up(context)
 
     async def _first_frame(self, requests: AsyncIterator[rs.ConnectRequest]) -> rt.ClientFrame:
         timeout = self.settings.realtime.hello_timeout_s
         try:
-            first = await asyncio.wait_for(anext(requests), timeout)
+            async with asyncio.timeout(timeout):
+                first = await anext(requests)
         except TimeoutError as exc:
             raise DeadlineExceeded("HELLO_TIMEOUT", "no hello frame received in time") from exc
         except StopAsyncIteration as exc:
@@ -148,7 +164,7 @@ class RealtimeServicer:
         principal: Principal,
         hello_frame: rt.ClientFrame,
         requests: AsyncIterator[rs.ConnectRequest] | None,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         if self.draining:
             await abort(context, Unavailable("SERVER_DRAINING", "server is shutting down"))
             return
@@ -175,6 +191,7 @@ class RealtimeServicer:
         self.broker.subscribe(session, _replaced_frame)
         self.presence.connected(session.user_id)
         reader: asyncio.Task[None] | None = None
+        live = True
         try:
             epoch, cursor, pruned = await self.store.resume_point()
             session.min_change_seq = cursor
@@ -202,16 +219,30 @@ class RealtimeServicer:
                     metrics.errors.labels(closing.error.code).inc()
                     if isinstance(closing.error, _SlowConsumer):
                         metrics.slow_consumers.inc()
-                await context.abort_with_status(rpc_status.to_status(to_status(closing.error)))
+                self._release(session)  # the stream has said its last word
+                live = False
+                if reader is not None:
+                    # grpc's Python client reports INTERNAL in place of the status when one of
+                    # its writes is still in flight as the call ends (grpc/grpc#36066). So the
+                    # status goes once the client has half-closed, as the StreamError frame
+                    # just sent asks it to; a client that does not is ended after a short wait,
+                    # in which what it still sends is read (so those writes complete) and
+                    # dropped (see _read).
+                    await asyncio.wait({reader}, timeout=self.close_wait_s)
+                await abort(context, closing.error)
         finally:
-            self.broker.unsubscribe(session)
-            self.presence.disconnected(session.user_id, session.last_activity_wall())
-            if not self.broker.online(session.user_id):
-                self.typing.clear_user(session.user_id)
+            if live:
+                self._release(session)
             if reader is not None:
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reader
+
+    def _release(self, session: StreamSession) -> None:
+        self.broker.unsubscribe(session)
+        self.presence.disconnected(session.user_id, session.last_activity_wall())
+        if not self.broker.online(session.user_id):
+            self.typing.clear_user(session.user_id)
 
     async def _resume(
         self, session: StreamSession, state: rt.SyncState, epoch: str, cursor: int, pruned: int
@@ -314,6 +345,10 @@ class RealtimeServicer:
         tasks: set[asyncio.Task[None]] = set()
         try:
             async for request in requests:
+                if session.closing is not None:
+                    # Ending: read on, so the client's last writes complete, but act on
+                    # nothing (the client retries its pending operations by id on resume).
+                    continue
                 session.touch()
                 frame = request.frame
                 if frame.WhichOneof("kind") in ("send_message", "operation"):
@@ -416,8 +451,13 @@ class RealtimeServicer:
             exc2 = Unavailable("IDLE_TIMEOUT", "no frames within the idle timeout", retry_after=0)
             session.close(exc2, _error_frame(exc2, can_resume=True))
 
-    def drain(self) -> None:
-        """SIGTERM: tell every stream to reconnect elsewhere and resume."""
+    def drain(self, grace_s: float | None = None) -> None:
+        """SIGTERM: tell every stream to reconnect elsewhere and resume. Each stream then ends
+        with its status as soon as its client half-closes, or after `close_wait_s`: within
+        half of `grace_s` when given, so that every status is sent before the server's grace
+        period ends and it cancels what is left."""
+        if grace_s is not None:
+            self.close_wait_s = min(self.close_wait_s, grace_s / 2)
         self.draining = True
         for session in self.broker.all_sessions():
             exc = Unavailable("SERVER_DRAINING", "server is shutting down; reconnect", 1.0)

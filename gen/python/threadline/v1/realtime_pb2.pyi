@@ -1046,7 +1046,11 @@ Global___ResyncRequired: _TypeAlias = ResyncRequired  # noqa: Y015
 
 @_typing.final
 class StreamError(_message.Message):
-    """The stream ends after this frame."""
+    """The stream ends after this frame. The client should stop writing and half-close: the server then
+    ends the call with `status` at once (or after about a second if the client keeps the stream
+    open). Frames a client sends after this one are ignored; pending operations are resent by id
+    after a resume.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

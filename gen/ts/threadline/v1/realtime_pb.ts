@@ -1046,7 +1046,10 @@ export const ResyncRequiredSchema: GenMessage<ResyncRequired> = /*@__PURE__*/
   messageDesc(file_threadline_v1_realtime, 19);
 
 /**
- * The stream ends after this frame.
+ * The stream ends after this frame. The client should stop writing and half-close: the server then
+ * ends the call with `status` at once (or after about a second if the client keeps the stream
+ * open). Frames a client sends after this one are ignored; pending operations are resent by id
+ * after a resume.
  *
  * @generated from message threadline.v1.StreamError
  */
