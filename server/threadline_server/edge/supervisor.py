@@ -129,7 +129,9 @@ class EnvoySupervisor:
             line = raw.decode(errors="replace").rstrip()
             if line:
                 self._tail.append(line[-300:])
-                logger.warning("envoy: %s", line[-1000:])
+                # While we stop it, Envoy's own warnings ("caught SIGTERM") are expected.
+                level = logging.INFO if self._stopping else logging.WARNING
+                logger.log(level, "envoy: %s", line[-1000:])
 
     async def _watch(self) -> None:
         attempt = 0
