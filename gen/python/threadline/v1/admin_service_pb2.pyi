@@ -56,8 +56,8 @@ class ListConnectionsRequest(_message.Message):
     user_id: _builtins.str
     """Only this user's streams, if set."""
     page_size: _builtins.int
-    """Most connections per page (default 100, at most 1000); a page is also cut so that it stays
-    under the server's frame limit.
+    """Most connections per page (default 50, at most 200, as every page); a page is also cut so
+    that it stays under the server's frame limit.
     """
     page_token: _builtins.str
     """`next_page_token` of the previous page, with the same `user_id`."""

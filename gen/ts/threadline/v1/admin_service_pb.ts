@@ -28,8 +28,8 @@ export type ListConnectionsRequest = Message<"threadline.v1.ListConnectionsReque
   userId: string;
 
   /**
-   * Most connections per page (default 100, at most 1000); a page is also cut so that it stays
-   * under the server's frame limit.
+   * Most connections per page (default 50, at most 200, as every page); a page is also cut so
+   * that it stays under the server's frame limit.
    *
    * @generated from field: int32 page_size = 2;
    */
