@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from threadline_server.domain.limits import TokenBucket
@@ -52,14 +53,17 @@ class StreamSession:
         max_frames: int,
         min_change_seq: int = 0,
         info: SessionInfo | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.session_id = uuid.uuid4().hex
         self.principal = principal
         self.user_id = principal.user_id
         self.info = info or SessionInfo()
-        self.opened_at = time.monotonic()
+        # Monotonic seconds for the idle timeout; the transport passes its own (a test's fake).
+        self._clock = clock
+        self.opened_at = clock()
         self.opened_at_wall = time.time()
-        self.last_activity = time.monotonic()
+        self.last_activity = self.opened_at
         self.min_change_seq = min_change_seq
         self._queue: asyncio.Queue[bytes | Close] = asyncio.Queue()
         self._max_frames = max_frames
@@ -69,6 +73,7 @@ class StreamSession:
         # checks apply (a long replay reads nothing from the client).
         self.watched = False
         self._pings: TokenBucket | None = None  # made by the first Ping (see ping_allowed)
+        self.submits = ArrivalOrder()  # frames of this session arriving by Submit
 
     def deliver(self, frame: EventBytes) -> None:
         """Called by the broker; never blocks the publisher."""
@@ -93,11 +98,15 @@ class StreamSession:
             self._queue.put_nowait(self.closing)
 
     def touch(self) -> None:
-        self.last_activity = time.monotonic()
+        self.last_activity = self._clock()
+
+    def idle_for(self) -> float:
+        """Seconds since the last frame from the client."""
+        return self._clock() - self.last_activity
 
     def last_activity_wall(self) -> float:
         """`last_activity` as epoch seconds (monotonic time is for timeouts, this for people)."""
-        return max(self.opened_at_wall, time.time() - (time.monotonic() - self.last_activity))
+        return max(self.opened_at_wall, time.time() - self.idle_for())
 
     def queued(self) -> int:
         return self._queue.qsize()
@@ -133,3 +142,54 @@ class StreamSession:
     def _drain(self) -> None:
         while not self._queue.empty():
             self._queue.get_nowait()
+
+
+class ArrivalOrder:
+    """Starts the frames of one session that arrive by separate Submit calls in the order they
+    arrived, as Connect reads its frames in order: a call whose authentication waits (a users
+    cache miss writes the user) is not overtaken by one that arrived after it.
+
+    `arrive` is called as a call comes in, before anything awaits; the call then `wait`s for its
+    turn and calls `done` once its frame has been started (or once it gave up).
+    """
+
+    def __init__(self) -> None:
+        self._tail: asyncio.Future[None] | None = None
+        self.arrived = 0  # how many calls have arrived so far (for operators and tests)
+
+    def arrive(self) -> Turn:
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        turn = Turn(self._tail, mine)
+        self._tail = mine
+        self.arrived += 1
+        return turn
+
+
+class Turn:
+    """One call's place in an `ArrivalOrder`."""
+
+    __slots__ = ("_before", "_mine")
+
+    def __init__(self, before: asyncio.Future[None] | None, mine: asyncio.Future[None]) -> None:
+        self._before = before
+        self._mine = mine
+
+    async def wait(self) -> None:
+        """Until every call that arrived earlier has started its frame or given up. (asyncio.wait
+        never cancels what it waits for: a caller that hangs up here leaves the chain intact.)"""
+        if self._before is not None and not self._before.done():
+            await asyncio.wait((self._before,))
+
+    def done(self) -> None:
+        """This call's frame has started (or it gave up): the next call may go, but never
+        before every earlier one has."""
+        if self._mine.done():
+            return
+        if self._before is None or self._before.done():
+            self._mine.set_result(None)
+        else:
+            self._before.add_done_callback(lambda _f: self._release())
+
+    def _release(self) -> None:
+        if not self._mine.done():
+            self._mine.set_result(None)

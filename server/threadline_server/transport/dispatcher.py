@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from threadline.v1 import errors_pb2
@@ -20,15 +22,42 @@ from threadline_server.errors import (
     NotImplementedYet,
     ProtocolViolation,
     RateLimited,
+    Unauthenticated,
+    Unavailable,
 )
 from threadline_server.observability import Metrics
 from threadline_server.realtime.session import StreamSession
 from threadline_server.realtime.typing import TypingTracker
 from threadline_server.transport import codec
 from threadline_server.transport.guard import Authenticator
-from threadline_server.transport.status import to_status
+from threadline_server.transport.status import duration, internal_status, to_status
+
+logger = logging.getLogger(__name__)
 
 _CREATE, _UPDATE, _DELETE = 1, 2, 3
+# Frames that change nothing durable: an invalid one is dropped, never the end of a session.
+_ADVISORY = ("typing", "ack")
+
+
+@dataclass(frozen=True, slots=True)
+class Fatal:
+    """A frame that ends its session, on whichever transport it came: `error` is the status the
+    session (and a Submit call carrying the frame) ends with, `frame` its last StreamError."""
+
+    error: DomainError
+    frame: bytes
+
+
+def error_frame(exc: DomainError, *, can_resume: bool) -> bytes:
+    """A StreamError frame for `exc`: the stream's last word."""
+    retry = getattr(exc, "retry_after", 0.0)
+    return codec.frame_bytes(
+        rt.ServerFrame(
+            error=rt.StreamError(
+                status=to_status(exc), retry_after=duration(retry), can_resume=can_resume
+            )
+        )
+    )
 
 
 class FrameDispatcher:
@@ -58,6 +87,36 @@ class FrameDispatcher:
         self.limits = limits
         self.metrics = metrics
         self.max_pings_per_second = max_pings_per_second
+
+    async def answer(
+        self, principal: Principal, session: StreamSession | None, frame: rt.ClientFrame
+    ) -> rt.ServerFrame | Fatal | None:
+        """`handle`, with the one rule for errors that Connect and Submit share: the reply
+        frame; None for no reply (ack, typing, a ping over the cap, an invalid advisory frame);
+        or Fatal when the frame ends the session (a bad RefreshAuth, a protocol violation, an
+        error no result can carry, a bug)."""
+        try:
+            return await self.handle(principal, session, frame)
+        except (Unauthenticated, ProtocolViolation) as exc:
+            return Fatal(exc, error_frame(exc, can_resume=False))
+        except DomainError as exc:
+            if frame.WhichOneof("kind") in _ADVISORY:
+                # Typing and acks change nothing durable; an invalid one (say, typing in a thread
+                # the user cannot see) is dropped rather than ending the stream or leaking that
+                # the thread exists.
+                logger.debug("dropped %s frame: %s", frame.WhichOneof("kind"), exc.reason)
+                return None
+            reply = rt.ServerFrame(
+                request_id=frame.request_id,
+                error=rt.StreamError(status=to_status(exc), can_resume=True),
+            )
+            return Fatal(exc, codec.frame_bytes(reply))
+        except Exception as exc:  # a bug must not hang the stream
+            status, _ = internal_status(exc)
+            return Fatal(
+                Unavailable("INTERNAL", status.message),
+                codec.frame_bytes(rt.ServerFrame(error=rt.StreamError(status=status))),
+            )
 
     async def handle(
         self, principal: Principal, session: StreamSession | None, frame: rt.ClientFrame

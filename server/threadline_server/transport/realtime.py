@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,7 +20,6 @@ from threadline_server.domain.models import Event, EventKind, PresenceState, Pri
 from threadline_server.domain.ports import Store
 from threadline_server.errors import (
     DeadlineExceeded,
-    DomainError,
     NotFound,
     ProtocolViolation,
     RateLimited,
@@ -30,18 +29,24 @@ from threadline_server.errors import (
 from threadline_server.observability import bind_log_context
 from threadline_server.realtime.broker import LocalBroker
 from threadline_server.realtime.presence import PresenceTracker
-from threadline_server.realtime.session import Close, EventBytes, SessionInfo, StreamSession
+from threadline_server.realtime.session import (
+    Close,
+    EventBytes,
+    SessionInfo,
+    StreamSession,
+    Turn,
+)
 from threadline_server.realtime.typing import TypingTracker
 from threadline_server.transport import codec, compression, frames
-from threadline_server.transport.dispatcher import FrameDispatcher
+from threadline_server.transport.dispatcher import Fatal, FrameDispatcher, error_frame
 from threadline_server.transport.guard import Authenticator, abort, bind_request, hung_up
-from threadline_server.transport.status import duration, internal_status, to_status
+from threadline_server.transport.status import duration
 
 logger = logging.getLogger(__name__)
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 _IN_FLIGHT_PER_STREAM = 64
-_ADVISORY = ("typing", "ack")
+_OPERATIONS = ("send_message", "operation")
 # After a stream's final StreamError frame, how long the server waits for the client to
 # half-close before it sends the status anyway (see `_serve`).
 _CLOSE_WAIT_S = 1.0
@@ -70,6 +75,10 @@ class RealtimeServicer:
         self.presence = presence
         self.draining = False
         self.close_wait_s = _CLOSE_WAIT_S
+        # The watchdog's clocks: monotonic for idle time (also stamped on each session's
+        # activity), wall time for token expiry. A test sets its own before opening streams.
+        self.clock: Callable[[], float] = time.monotonic
+        self.wall_clock: Callable[[], float] = time.time
 
     # ---- RPCs ---------------------------------------------------------------------------
 
@@ -111,16 +120,20 @@ class RealtimeServicer:
         await self._send(context, self._serve(context, principal, first, None))
 
     async def Submit(self, request: rs.SubmitRequest, context: Ctx) -> rs.SubmitResponse:
+        """One frame of a session, as if read from its Connect stream: the same dispatcher and
+        the same rules (see `_submitted`). Without a session id, a stateless frame."""
         bind_request(context, "Submit")
+        # The call's place among its session's frames, taken before anything awaits.
+        session = self.broker.session(request.session_id) if request.session_id else None
+        turn = session.submits.arrive() if session is not None else None
         try:
             principal = await self.auth.authenticate(context)
-            session = None
-            if request.session_id:
-                session = self.broker.session(request.session_id)
-                if session is None or session.user_id != principal.user_id:
-                    raise NotFound("session", request.session_id)
-                session.touch()
-            reply = await self.dispatcher.handle(principal, session, request.frame)
+            if request.session_id and (session is None or session.user_id != principal.user_id):
+                raise NotFound("session", request.session_id)
+            reply = await self._submitted(principal, session, request.frame, turn)
+            if isinstance(reply, Fatal):
+                await abort(context, reply.error)
+                return rs.SubmitResponse()  # only if the client hung up: grpc discards it
             response = rs.SubmitResponse(frame=reply)
             compression.send_plain_if_small(
                 context, response.ByteSize(), self.settings.limits.compression_threshold_bytes
@@ -131,6 +144,37 @@ class RealtimeServicer:
         except Exception as exc:  # the boundary
             await abort(context, exc)
             return rs.SubmitResponse()  # only if the client hung up: grpc discards it
+        finally:
+            if turn is not None:
+                turn.done()
+
+    async def _submitted(
+        self,
+        principal: Principal,
+        session: StreamSession | None,
+        frame: rt.ClientFrame,
+        turn: Turn | None,
+    ) -> rt.ServerFrame | Fatal | None:
+        """A Submit's frame, handled as `_read` handles one from Connect: in its session's
+        arrival order, operations started in that order and then awaited (so pipelined sends
+        may share a group commit), counted as activity; a frame that would end a Connect stream
+        ends the session (its StreamError frame on Subscribe, then the status) and is that
+        status here too. A session that has said its last word takes nothing more."""
+        if session is not None and turn is not None:  # (both or neither)
+            await turn.wait()
+            if session.closing is not None:
+                raise NotFound("session", session.session_id)  # ended: frames are ignored
+            session.touch()
+        if turn is not None and frame.WhichOneof("kind") in _OPERATIONS:
+            task = asyncio.create_task(self.dispatcher.answer(principal, session, frame))
+            await asyncio.sleep(0)  # it runs to its first wait (queued for commit): started
+            turn.done()
+            reply = await asyncio.shield(task)  # a hang-up does not cancel a started operation
+        else:
+            reply = await self.dispatcher.answer(principal, session, frame)
+        if isinstance(reply, Fatal) and session is not None:
+            session.close(reply.error, reply.frame)
+        return reply
 
     # ---- the shared session machinery ---------------------------------------------------
 
@@ -176,7 +220,9 @@ class RealtimeServicer:
             client_name=hello.client_name[:64],
             client_version=hello.client_version[:64],
         )
-        session = StreamSession(principal, max_frames=rts.queue_max_frames, info=info)
+        session = StreamSession(
+            principal, max_frames=rts.queue_max_frames, info=info, clock=self.clock
+        )
         bind_log_context(session=session.session_id)
         session.overflow = (
             _SlowConsumer(),
@@ -351,7 +397,7 @@ class RealtimeServicer:
                     continue
                 session.touch()
                 frame = request.frame
-                if frame.WhichOneof("kind") in ("send_message", "operation"):
+                if frame.WhichOneof("kind") in _OPERATIONS:
                     await limit.acquire()
                     task = asyncio.create_task(self._dispatch(session, frame))
                     tasks.add(task)
@@ -371,32 +417,10 @@ class RealtimeServicer:
             session.close(None)
 
     async def _dispatch(self, session: StreamSession, frame: rt.ClientFrame) -> None:
-        try:
-            reply = await self.dispatcher.handle(session.principal, session, frame)
-        except (Unauthenticated, ProtocolViolation) as exc:
-            session.close(exc, _error_frame(exc, can_resume=False))
-            return
-        except DomainError as exc:
-            if frame.WhichOneof("kind") in _ADVISORY:
-                # Typing and acks change nothing durable; an invalid one (say, typing in a thread
-                # the user cannot see) is dropped rather than ending the stream or leaking that
-                # the thread exists.
-                logger.debug("dropped %s frame: %s", frame.WhichOneof("kind"), exc.reason)
-                return
-            reply = rt.ServerFrame(
-                request_id=frame.request_id,
-                error=rt.StreamError(status=to_status(exc), can_resume=True),
-            )
-            session.close(exc, codec.frame_bytes(reply))
-            return
-        except Exception as exc:  # a bug must not hang the stream
-            status, _ = internal_status(exc)
-            session.close(
-                Unavailable("INTERNAL", status.message),
-                codec.frame_bytes(rt.ServerFrame(error=rt.StreamError(status=status))),
-            )
-            return
-        if reply is not None:
+        reply = await self.dispatcher.answer(session.principal, session, frame)
+        if isinstance(reply, Fatal):
+            session.close(reply.error, reply.frame)
+        elif reply is not None:
             session.send(codec.frame_bytes(reply))
 
     async def _write(self, session: StreamSession) -> AsyncIterator[bytes]:
@@ -435,21 +459,25 @@ class RealtimeServicer:
         """One task checks every live stream each second, rather than a timer per stream: an
         idle stream then costs nothing until it is due (1,000 idle streams took 11% of a core
         with a wake-up per stream per second)."""
-        grace = self.settings.auth.leeway_s + self.settings.auth.refresh_grace_s
         while True:
             await asyncio.sleep(every_s)
-            idle_timeout = self.settings.realtime.idle_timeout_s
-            for session in self.broker.all_sessions():
-                if session.watched and session.closing is None:
-                    self._watchdog(session, idle_timeout, grace)
+            self.sweep()
 
-    def _watchdog(self, session: StreamSession, idle_timeout: float, grace: float) -> None:
-        if time.time() > session.principal.expires_at + grace:
-            exc = Unauthenticated("TOKEN_EXPIRED", "token expired without refresh")
-            session.close(exc, _error_frame(exc, can_resume=False))
-        elif time.monotonic() - session.last_activity > idle_timeout:
-            exc2 = Unavailable("IDLE_TIMEOUT", "no frames within the idle timeout", retry_after=0)
-            session.close(exc2, _error_frame(exc2, can_resume=True))
+    def sweep(self) -> None:
+        """One round of the watchdog: ends each live stream that has been idle too long or
+        whose token expired (beyond the grace) without a refresh."""
+        grace = self.settings.auth.leeway_s + self.settings.auth.refresh_grace_s
+        idle_timeout = self.settings.realtime.idle_timeout_s
+        now = self.wall_clock()
+        for session in self.broker.all_sessions():
+            if not session.watched or session.closing is not None:
+                continue
+            if now > session.principal.expires_at + grace:
+                exc = Unauthenticated("TOKEN_EXPIRED", "token expired without refresh")
+                session.close(exc, error_frame(exc, can_resume=False))
+            elif session.idle_for() > idle_timeout:
+                idle = Unavailable("IDLE_TIMEOUT", "no frames within the idle timeout", 0)
+                session.close(idle, error_frame(idle, can_resume=True))
 
     def drain(self, grace_s: float | None = None) -> None:
         """SIGTERM: tell every stream to reconnect elsewhere and resume. Each stream then ends
@@ -461,7 +489,7 @@ class RealtimeServicer:
         self.draining = True
         for session in self.broker.all_sessions():
             exc = Unavailable("SERVER_DRAINING", "server is shutting down; reconnect", 1.0)
-            session.close(exc, _error_frame(exc, can_resume=True))
+            session.close(exc, error_frame(exc, can_resume=True))
 
 
 class _SlowConsumer(RateLimited):
@@ -469,17 +497,6 @@ class _SlowConsumer(RateLimited):
 
     def __init__(self) -> None:
         super().__init__(0.0, "stream fell behind; resume from your cursor")
-
-
-def _error_frame(exc: DomainError, *, can_resume: bool) -> bytes:
-    retry = getattr(exc, "retry_after", 0.0)
-    return codec.frame_bytes(
-        rt.ServerFrame(
-            error=rt.StreamError(
-                status=to_status(exc), retry_after=duration(retry), can_resume=can_resume
-            )
-        )
-    )
 
 
 def _presence_event(recipient: str, state: PresenceState) -> EventBytes:
@@ -499,7 +516,7 @@ def _presence_event(recipient: str, state: PresenceState) -> EventBytes:
 
 def _replaced_frame() -> bytes:
     exc = Unavailable("REPLACED", "replaced by a newer connection", retry_after=0)
-    return _error_frame(exc, can_resume=True)
+    return error_frame(exc, can_resume=True)
 
 
 def _passthrough(message: Any) -> bytes:
