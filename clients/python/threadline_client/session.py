@@ -42,7 +42,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -379,12 +379,17 @@ class ThreadlineSession:
 
     # -- optimistic operations ------------------------------------------------------------------
 
-    def send(self, thread_id: str, text: str) -> str:
+    def send(self, thread_id: str, text: str, attachment_ids: Sequence[str] = ()) -> str:
         """Shows a message as pending at once and queues it; returns its stable `local_id`.
 
         The `local_id` is also the operation id (for `wait_op` and `retry`).
+
+        Args:
+            thread_id: The thread.
+            text: The text.
+            attachment_ids: Completed uploads to attach (`client.complete_upload` first).
         """
-        return self.store.queue_send(thread_id, text).local_id
+        return self.store.queue_send(thread_id, text, attachment_ids=attachment_ids).local_id
 
     def edit(self, message_id: str, text: str) -> str:
         """Shows an edit at once and queues it; returns the op id.
@@ -659,7 +664,10 @@ class ThreadlineSession:
         payload = op.to_proto()
         if isinstance(payload, realtime_pb2.SendMessage):
             return await stream.send_message(
-                payload.thread_id, payload.text, client_op_id=payload.client_op_id
+                payload.thread_id,
+                payload.text,
+                list(payload.attachment_ids),
+                client_op_id=payload.client_op_id,
             )
         return await stream.operation(payload)
 

@@ -158,6 +158,7 @@ class PendingOp:
             sends and thread creation.
         local_id: The `LocalMessage.local_id` it shows on (the op id itself for sends).
         text: New text (send, edit).
+        attachment_ids: Completed uploads the message carries (send).
         fields: Thread fields (create, update): title, description, tags, archived.
         participant_ids: Other participants (create thread).
         read_seq: The read marker (mark read).
@@ -174,6 +175,7 @@ class PendingOp:
     target_id: str = ""
     local_id: str = ""
     text: str = ""
+    attachment_ids: tuple[str, ...] = ()
     fields: dict[str, Any] = field(default_factory=dict)
     participant_ids: tuple[str, ...] = ()
     read_seq: int = 0
@@ -187,7 +189,10 @@ class PendingOp:
         """The frame payload to send: `SendMessage` for sends, `Operation` for the rest."""
         if self.kind is OpKind.SEND_MESSAGE:
             return realtime_pb2.SendMessage(
-                client_op_id=self.op_id, thread_id=self.thread_id, text=self.text
+                client_op_id=self.op_id,
+                thread_id=self.thread_id,
+                text=self.text,
+                attachment_ids=list(self.attachment_ids),
             )
         op = realtime_pb2.Operation(client_op_id=self.op_id, base_version=self.base_version)
         if self.kind is OpKind.EDIT_MESSAGE:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,13 +26,21 @@ class _OptimisticOps(_ServerReducer):
 
     # -- queueing ---------------------------------------------------------------------------
 
-    def queue_send(self, thread_id: str, text: str, *, op_id: str | None = None) -> LocalMessage:
+    def queue_send(
+        self,
+        thread_id: str,
+        text: str,
+        *,
+        op_id: str | None = None,
+        attachment_ids: Sequence[str] = (),
+    ) -> LocalMessage:
         """Shows a new message at once as pending and queues its send.
 
         Args:
             thread_id: The thread.
             text: The text.
             op_id: The `client_op_id` (and local id); fresh when None.
+            attachment_ids: Completed uploads to attach (`complete_upload` first).
 
         Returns:
             The pending message; its `local_id` is the op id and never changes.
@@ -48,7 +56,14 @@ class _OptimisticOps(_ServerReducer):
             client_op_id=op_id,
             create_time=datetime.now(UTC),
         )
-        op = PendingOp(op_id, OpKind.SEND_MESSAGE, thread_id, local_id=op_id, text=text)
+        op = PendingOp(
+            op_id,
+            OpKind.SEND_MESSAGE,
+            thread_id,
+            local_id=op_id,
+            text=text,
+            attachment_ids=tuple(attachment_ids),
+        )
         self._messages[op_id] = msg
         self.state.messages.by_thread.setdefault(thread_id, []).append(msg)
         self._add_op(op)
