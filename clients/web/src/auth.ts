@@ -6,7 +6,7 @@
  * before its `exp`. The JWT payload is read without verifying it: the client only needs the
  * expiry, verification is the server's job.
  */
-import type { Interceptor } from "@connectrpc/connect";
+import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
 import { fromConnectError, makeError, ThreadlineError } from "./errors.js";
 
 /** Returns a bearer token, synchronously or as a promise. Called again near expiry. */
@@ -115,16 +115,24 @@ export class TokenCache {
 export function bearerAuth(tokens: TokenCache): Interceptor {
   return (next) => async (req) => {
     const attempt = async (force: boolean) => {
-      const token = await tokens.get(force);
+      let token: string;
+      try {
+        token = await tokens.get(force);
+      } catch (error) {
+        // A ConnectError, so the call rejects UNAUTHENTICATED (anything else becomes UNKNOWN).
+        const message = error instanceof ThreadlineError ? error.rawMessage : String(error);
+        throw new ConnectError(message, Code.Unauthenticated, undefined, undefined, error);
+      }
       if (token) req.header.set("authorization", `Bearer ${token}`);
       return next(req);
     };
     try {
       return await attempt(false);
     } catch (error) {
+      // Inspected, not converted: Connect-ES re-wraps anything but a ConnectError thrown here.
       const failure = fromConnectError(error);
       const renewable = failure.reason === "TOKEN_EXPIRED" || failure.reason === "TOKEN_NOT_YET_VALID";
-      if (req.stream || failure.code !== "UNAUTHENTICATED" || !renewable) throw failure;
+      if (req.stream || failure.code !== "UNAUTHENTICATED" || !renewable) throw error;
       return attempt(true);
     }
   };

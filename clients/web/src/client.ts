@@ -7,6 +7,7 @@
  * (refreshed before expiry), retries of idempotent calls on UNAVAILABLE with capped backoff and
  * full jitter, and errors as `ThreadlineError` with the server's decoded details.
  */
+import type { DescService } from "@bufbuild/protobuf";
 import { createClient, type Client, type Interceptor, type Transport } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { MethodOptions_IdempotencyLevel } from "@bufbuild/protobuf/wkt";
@@ -42,7 +43,8 @@ export interface ClientOptions {
 export const sleepSeconds = (seconds: number): Promise<void> =>
   new Promise((resolve) => setTimeout(resolve, Math.max(0, seconds) * 1000));
 
-/** Maps every failure to a ThreadlineError, after retrying idempotent unary calls. */
+/** Retries idempotent unary calls answered UNAVAILABLE (the error stays a ConnectError here:
+ * Connect-ES re-wraps anything else an interceptor throws; `typedClient` maps it). */
 function retryIdempotent(maxRetries: number, backoff: Backoff, sleep: (s: number) => Promise<void>): Interceptor {
   return (next) => async (req) => {
     const idempotent =
@@ -54,11 +56,43 @@ function retryIdempotent(maxRetries: number, backoff: Backoff, sleep: (s: number
       } catch (error) {
         const failure = fromConnectError(error);
         const again = !req.stream && idempotent && failure.code === "UNAVAILABLE" && attempt < maxRetries;
-        if (!again || req.signal.aborted) throw failure;
+        if (!again || req.signal.aborted) throw error;
         await sleep(backoff.delay(attempt, failure.retryAfter));
       }
     }
   };
+}
+
+async function* typedStream<T>(responses: AsyncIterable<T>): AsyncGenerator<T> {
+  try {
+    yield* responses;
+  } catch (error) {
+    throw fromConnectError(error);
+  }
+}
+
+/** A Connect-ES client whose calls reject (and whose streams throw) `ThreadlineError`s. */
+function typedClient<T extends DescService>(service: T, transport: Transport): Client<T> {
+  const raw = createClient(service, transport) as unknown as Record<string, (...args: unknown[]) => unknown>;
+  const typed: Record<string, unknown> = {};
+  for (const [name, method] of Object.entries(service.method)) {
+    const call = raw[name];
+    if (!call) continue;
+    if (method.methodKind === "unary") {
+      typed[name] = async (...args: unknown[]) => {
+        try {
+          return await call(...args);
+        } catch (error) {
+          throw fromConnectError(error);
+        }
+      };
+    } else if (method.methodKind === "server_streaming") {
+      typed[name] = (...args: unknown[]) => typedStream(call(...args) as AsyncIterable<unknown>);
+    } else {
+      typed[name] = call; // client and bidi streaming: grpc-web cannot carry them anyway
+    }
+  }
+  return typed as Client<T>;
 }
 
 export class ThreadlineClient {
@@ -90,10 +124,10 @@ export class ThreadlineClient {
         defaultTimeoutMs: options.timeoutMs ?? 30_000,
         ...(options.fetch ? { fetch: options.fetch } : {}),
       });
-    this.threads = createClient(ThreadService, this.transport);
-    this.users = createClient(UserService, this.transport);
-    this.uploads = createClient(UploadService, this.transport);
-    this.realtime = createClient(RealtimeService, this.transport);
-    this.admin = createClient(AdminService, this.transport);
+    this.threads = typedClient(ThreadService, this.transport);
+    this.users = typedClient(UserService, this.transport);
+    this.uploads = typedClient(UploadService, this.transport);
+    this.realtime = typedClient(RealtimeService, this.transport);
+    this.admin = typedClient(AdminService, this.transport);
   }
 }

@@ -50,6 +50,16 @@ def default_origins(settings: Settings, http_port: int) -> list[str]:
     return [f"http://{name}:{http_port}" for name in names]
 
 
+def allowed_origins(settings: Settings, http_port: int) -> list[str]:
+    """The browser origins allowed to call Threadline: `web.allowed_origins`, else the server's
+    own HTTP origins. One list for the edge's CORS, the local file URLs' CORS and dev sign-in's
+    Origin check. A wildcard or an empty entry is a ValueError."""
+    configured = settings.web.allowed_origins
+    if any(o.strip() in ("*", "") for o in configured):
+        raise ValueError("web.allowed_origins must name origins exactly; `*` is never allowed")
+    return [o.strip().rstrip("/") for o in configured] or default_origins(settings, http_port)
+
+
 def envoy_config(
     settings: Settings, *, web_port: int, grpc_port: int, origins: list[str]
 ) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-from threadline_server.domain.models import Event, EventKind, PresenceState
+from threadline_server.domain.models import Event, EventKind, PresenceState, Thread
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,38 @@ class PresenceTracker:
             self._due.discard(user_id)
             self._settle(user_id, peers, None)
         return self.online_now(peers)
+
+    def introduce(self, events: list[Event]) -> None:
+        """Someone was added to a thread (its THREAD_CREATED event, addressed to them): they and
+        the thread's other members may share a thread for the first time, so each side that is
+        online learns the other's presence now rather than at its next reconnect. Repeating a
+        state a client already has is harmless: presence is a state, not an edge."""
+        if self._closed:
+            return
+        tell: dict[str, set[str]] = {}  # whose presence -> who learns it (each pair once)
+        for event in events:
+            if event.kind is not EventKind.THREAD_CREATED or not isinstance(event.payload, Thread):
+                continue
+            # Only users whose online state is already announced: one still catching up is
+            # announced by its own snapshot, which looks its peers up afresh (this thread too).
+            online = frozenset(
+                u
+                for u in event.payload.participant_ids
+                if u in self._online and u in self._announced
+            )
+            for newcomer in event.recipients & online:
+                for other in online - {newcomer}:
+                    tell.setdefault(newcomer, set()).add(other)
+                    tell.setdefault(other, set()).add(newcomer)
+        if tell:
+            now = datetime.now(UTC)
+            self._publish(
+                [self._presence_event(u, frozenset(to), now) for u, to in sorted(tell.items())]
+            )
+
+    def _presence_event(self, user_id: str, recipients: frozenset[str], now: datetime) -> Event:
+        state = PresenceState(user_id, True, self._last_active.get(user_id, time.time()))
+        return Event(0, EventKind.PRESENCE, "", 0, 0, user_id, now, state, recipients)
 
     def _went_offline(self, user_id: str) -> None:
         self._offline_timers.pop(user_id, None)

@@ -1,11 +1,32 @@
-"""Side HTTP listener: the embedded issuer's JWKS, signed local file URLs, a liveness probe."""
+"""Side HTTP listener: the web app, the embedded issuer's JWKS, signed local file URLs, dev
+sign-in, metrics and a liveness probe."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+
+RouteAdder = Callable[[web.UrlDispatcher], None]
+
+
+@dataclass
+class WebContext:
+    """What the browser-facing routes know about the running node. The composition root fills
+    it in as the listeners come up: the HTTP port (hence the default origins) is known only once
+    this listener is bound, the edge's port after that."""
+
+    # Browser origins allowed (exact scheme://host[:port]): CORS and dev sign-in's CSRF check.
+    origins: frozenset[str] = frozenset()
+    # The grpc-web edge's bound port, while it runs.
+    edge_port: int | None = None
+    # The origin signed file URLs point to (local listener or GCS), for the app's CSP.
+    blob_origin: str = ""
+
+    def allows(self, origin: str | None) -> bool:
+        return origin is not None and origin in self.origins
 
 
 class SideHttp:
@@ -16,7 +37,7 @@ class SideHttp:
         host: str,
         port: int,
         jwks: Callable[[], dict[str, Any]] | None,
-        routes: Callable[[web.UrlDispatcher], None] | None = None,
+        routes: Iterable[RouteAdder] = (),
         metrics: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
         self._host = host
@@ -46,8 +67,10 @@ class SideHttp:
                 )
 
             self._app.router.add_get("/metrics", serve_metrics)
-        if routes is not None:  # e.g. signed local file URLs; aiohttp freezes routes on start
-            routes(self._app.router)
+        # Signed file URLs, dev sign-in, the web app (last: its top-level file route must not
+        # shadow the fixed ones). aiohttp freezes routes on start.
+        for add in routes:
+            add(self._app.router)
         self._runner = web.AppRunner(self._app, access_log=None)
         self.port = port
 
