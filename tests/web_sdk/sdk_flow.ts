@@ -109,6 +109,16 @@ async function main(): Promise<void> {
   unsubscribe();
   assert.ok(TOKEN_TTL_S > 0);
 
+  // A new device loads only the newest messages, then pages back through history in order.
+  const late = new ThreadlineSession(new ThreadlineClient({ baseUrl: EDGE, token: devTokens("bob") }), { history: 3 });
+  late.start();
+  await late.waitConnection("online", WAIT_MS);
+  const all = [...expected, "after refresh"];
+  assert.deepEqual(texts(late, thread.id), all.slice(-3));
+  while ((await late.loadMore(thread.id)) > 0);
+  assert.deepEqual(texts(late, thread.id), all, "older pages merged in order, once");
+  await late.stop();
+
   await alice.stop();
   await bob.stop();
   process.stdout.write("PASS\n");
