@@ -168,6 +168,63 @@ async def test_subscribe_and_submit_through_the_edge(edge: ThreadlineServer):
             reader.cancel()
 
 
+async def test_more_browser_calls_than_one_upstream_connection_admits(settings_factory):
+    """Envoy spreads calls over upstream connections of at most the server's stream limit, so a
+    browser's Submit is never refused because Subscribes fill one connection (seen in the bench
+    at 100 subscribers: `remote refused stream reset`)."""
+    app = ThreadlineServer(
+        settings_factory(
+            server={"max_concurrent_streams": 4},
+            web={"mode": "on", "port": 0, "allowed_origins": [APP_ORIGIN]},
+        )
+    )
+    await app.start()
+    streams = 10
+    welcomed: asyncio.Queue[str] = asyncio.Queue()
+    try:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as client:
+
+            async def subscribe(user: str) -> None:
+                request = rs.SubscribeRequest(hello=rt.Hello(client_name="web-test"))
+                result = grpc_web.GrpcWebResult()
+                async with client.stream(
+                    "POST",
+                    web_url(app, "threadline.v1.RealtimeService/Subscribe"),
+                    content=grpc_web.frame(request.SerializeToString()),
+                    headers=grpc_web.headers(app.mint(user, 600), APP_ORIGIN),
+                ) as response:
+                    async for raw in grpc_web.messages(response, result):
+                        if rs.SubscribeResponse.FromString(raw).frame.HasField("welcome"):
+                            welcomed.put_nowait(user)
+                welcomed.put_nowait(f"ended: {result.status} {result.message}")
+
+            readers = [asyncio.create_task(subscribe(f"user{i}")) for i in range(streams)]
+            try:
+                opened = [await asyncio.wait_for(welcomed.get(), 30) for _ in range(streams)]
+                assert sorted(opened) == sorted(f"user{i}" for i in range(streams))
+                pings = await asyncio.gather(
+                    *(
+                        grpc_web.unary(
+                            client,
+                            web_url(app, "threadline.v1.RealtimeService/Submit"),
+                            rs.SubmitRequest(
+                                frame=rt.ClientFrame(ping=rt.Ping())
+                            ).SerializeToString(),
+                            app.mint(f"user{i}", 600),
+                            APP_ORIGIN,
+                        )
+                        for i in range(streams)
+                    )
+                )
+                assert [p.status for p in pings] == [0] * streams, [p.message for p in pings]
+            finally:
+                for reader in readers:
+                    reader.cancel()
+                await asyncio.gather(*readers, return_exceptions=True)
+    finally:
+        await app.stop(grace=0.5)
+
+
 async def test_cors_preflight_allows_the_configured_origin_only(edge: ThreadlineServer):
     url = web_url(edge, "threadline.v1.ThreadService/ListThreads")
     preflight = {

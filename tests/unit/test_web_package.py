@@ -60,7 +60,7 @@ def test_the_sdk_package_installs_and_imports_outside_the_repo(tmp_path: Path) -
         'const c = new ThreadlineClient({ baseUrl: "http://127.0.0.1:1", token: "t" });'
         'const s = new ClientStore({ userId: "alice" });'
         's.queueSend("t1", "hi", { opId: "o1" });'
-        'console.log(typeof c.threads.listThreads, s.state.messages.pending.length,'
+        "console.log(typeof c.threads.listThreads, s.state.messages.pending.length,"
         ' new ThreadlineError("NOT_FOUND", "x").code);'
     )
     run = subprocess.run(

@@ -98,6 +98,9 @@ def envoy_config(
                                 "timeout": "0s",
                                 # The client's grpc-timeout is its deadline; none means none.
                                 "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+                                # A refused stream never reached the server (HTTP/2 says so),
+                                # so sending it again on another connection is always safe.
+                                "retry_policy": {"retry_on": "refused-stream", "num_retries": 3},
                             },
                         }
                     ],
@@ -159,11 +162,31 @@ def envoy_config(
                     "type": "STATIC",
                     "connect_timeout": "2s",
                     "per_connection_buffer_limit_bytes": _buffer(settings),
+                    # Envoy's default circuit breaker admits 1,024 requests at once: a browser
+                    # holds a Subscribe plus its Submits in flight, so size it from the edge's
+                    # own connection limit instead.
+                    "circuit_breakers": {
+                        "thresholds": [
+                            {
+                                "max_connections": settings.web.max_connections,
+                                "max_pending_requests": settings.web.max_connections,
+                                "max_requests": settings.web.max_connections * 4,
+                                "max_retries": max(3, settings.web.max_connections // 10),
+                            }
+                        ]
+                    },
                     "typed_extension_protocol_options": {
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                             "@type": "type.googleapis.com/"
                             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
+                            # Never more streams on one upstream connection than the server
+                            # admits (server.max_concurrent_streams): past it Envoy opens another
+                            # connection instead of having the next call refused.
+                            "explicit_http_config": {
+                                "http2_protocol_options": {
+                                    "max_concurrent_streams": settings.server.max_concurrent_streams
+                                }
+                            },
                         }
                     },
                     "load_assignment": {
