@@ -176,7 +176,10 @@ class ThreadlineServer:
     def _publish_committed(self, events: list[Event]) -> None:
         """Delivers committed events; people who now share a thread learn each other's presence."""
         self.broker.publish(events)
-        self.presence.introduce(events)
+        try:
+            self.presence.introduce(events)
+        except Exception:  # advisory: it must never fail a write that has committed
+            logger.exception("presence introductions failed")
 
     async def start(self) -> Endpoints:
         s = self.settings

@@ -40,7 +40,7 @@ class ServerSettings(BaseModel):
         description="Largest request metadata (headers) accepted, as gRPC counts it; both of "
         "gRPC's limits are set to it, so acceptance never depends on chance.",
     )
-    max_concurrent_streams: int = Field(100, description="HTTP/2 streams per connection.")
+    max_concurrent_streams: int = Field(100, ge=1, description="HTTP/2 streams per connection.")
     keepalive_time_ms: int = Field(60_000, description="Server keepalive ping interval.")
     keepalive_timeout_ms: int = Field(20_000, description="Keepalive ping ack timeout.")
     min_ping_interval_ms: int = Field(

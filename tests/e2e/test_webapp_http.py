@@ -440,6 +440,38 @@ def test_dev_sign_in_is_offered_only_where_it_is_safe_or_asked_for(tmp_path: Pat
         assert dev_signin.available(settings(host, "on")), host
     assert not dev_signin.available(settings("127.0.0.1", "off"))
     assert not dev_signin.available(settings("127.0.0.1", "on", auth="clerk"))
+    # Behind a reverse proxy (a public URL or web origin) a loopback bind proves nothing.
+    proxied = Settings(
+        server={"host": "127.0.0.1", "data_dir": tmp_path},
+        web={"dev_sign_in": "auto", "public_url": "https://chat.example.com/grpc"},
+    )
+    assert not dev_signin.available(proxied)
+    origins = Settings(
+        server={"host": "127.0.0.1", "data_dir": tmp_path},
+        web={"dev_sign_in": "auto", "allowed_origins": ["https://chat.example.com"]},
+    )
+    assert not dev_signin.available(origins)
+    local = Settings(
+        server={"host": "127.0.0.1", "data_dir": tmp_path},
+        web={"dev_sign_in": "auto", "allowed_origins": ["http://localhost:5173"]},
+    )
+    assert dev_signin.available(local)
+
+
+async def test_dev_sign_in_refuses_proxied_requests_and_admin_users(start: Start):
+    async with start(auth={"admin_users": ["ops"]}) as app, httpx.AsyncClient(timeout=30) as http:
+        url = f"{base(app)}/auth/dev-token"
+        ok = await http.post(url, json={"user_id": "alice"})
+        assert ok.status_code == 200, ok.text
+        for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
+            proxied = await http.post(url, json={"user_id": "alice"}, headers={header: "1.2.3.4"})
+            assert proxied.status_code == 403, (header, proxied.text)
+        foreign_host = await http.post(
+            url, json={"user_id": "alice"}, headers={"Host": "chat.example.com"}
+        )
+        assert foreign_host.status_code == 403
+        admin = await http.post(url, json={"user_id": "ops"})
+        assert admin.status_code == 400 and "admin" in admin.json()["error"]
 
 
 # ---- CORS on the local file URLs ------------------------------------------------------------
@@ -523,7 +555,7 @@ async def test_file_urls_answer_cors_for_the_web_origins_only(start: Start):
 
 async def test_configured_web_origins_replace_the_defaults_for_file_urls(start: Start):
     app_origin = "https://chat.example.com"
-    async with start(web={"allowed_origins": [app_origin + "/"]}) as app:
+    async with start(web={"allowed_origins": [app_origin + "/"], "dev_sign_in": "on"}) as app:
         assert app.endpoints is not None
         meta = bearer(app.mint("alice", 600))
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.endpoints.grpc_port}") as ch:

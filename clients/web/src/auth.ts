@@ -89,7 +89,11 @@ export class TokenCache {
   async get(force = false): Promise<string> {
     if (!force && !this.isStale() && this.token !== null) return this.token;
     if (this.inflight) return this.inflight;
-    this.inflight = (async () => {
+    let call: Promise<string> | null = null;
+    call = (async () => {
+      // Yield first: a provider that throws at once must still reach `finally` after `inflight`
+      // is set, or `inflight` would keep the rejection for every later call.
+      await null;
       try {
         const token = await this.provider();
         if (typeof token !== "string") throw new TypeError(`token provider returned ${typeof token}`);
@@ -101,10 +105,11 @@ export class TokenCache {
         if (error instanceof ThreadlineError) throw error;
         throw makeError("UNAUTHENTICATED", `token provider failed: ${String(error)}`, undefined, error);
       } finally {
-        this.inflight = null;
+        if (this.inflight === call) this.inflight = null;
       }
     })();
-    return this.inflight;
+    this.inflight = call;
+    return call;
   }
 }
 

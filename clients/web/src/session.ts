@@ -138,6 +138,8 @@ export class ThreadlineSession {
   private wakeSleep: (() => void) | null = null;
   private readonly waiters = new Map<string, ((outcome: OpOutcome) => void)[]>();
   private readonly outcomes = new Map<string, OpOutcome>();
+  private acking = false;
+  private ackAgain = false;
 
   constructor(
     readonly client: ThreadlineClient,
@@ -170,6 +172,13 @@ export class ThreadlineSession {
 
   /** Starts connecting in the background; returns at once (see `waitConnection`). */
   start(): void {
+    if (this.running && this.stopping) {
+      // A stop() still winding down: start again once it has.
+      const pending = this.running;
+      this.stopping = false;
+      void pending.then(() => this.start());
+      return;
+    }
     if (this.running) return;
     this.stopping = false;
     this.running = this.run().finally(() => (this.running = null));
@@ -442,9 +451,27 @@ export class ThreadlineSession {
     }
   }
 
+  /**
+   * Tells the server the cursor, one Ack in flight at a time (the latest cursor goes next), so
+   * a busy thread costs one extra call per round trip, not one per events frame. Best effort: a
+   * lost Ack only means the next connection reports the cursor itself.
+   */
   private ack(stream: RealtimeStream): void {
-    // Fire and forget: a closed stream just means the next connection reports the cursor.
-    void stream.ack(BigInt(this.state.sync.changeSeq)).catch(() => undefined);
+    if (this.acking) {
+      this.ackAgain = true;
+      return;
+    }
+    this.acking = true;
+    void stream
+      .ack(BigInt(this.state.sync.changeSeq))
+      .catch(() => undefined)
+      .finally(() => {
+        this.acking = false;
+        if (this.ackAgain && !stream.closed) {
+          this.ackAgain = false;
+          this.ack(stream);
+        }
+      });
   }
 
   // -- sending --------------------------------------------------------------------------------
@@ -470,8 +497,12 @@ export class ThreadlineSession {
       try {
         result = await this.submit(stream, op);
       } catch (error) {
-        if (error instanceof ThreadlineError && error.code === "DEADLINE_EXCEEDED") continue; // unknown: resend, same id
-        return; // the stream ended: resend after reconnecting
+        if (stream.closed || this.stopping) return; // the stream ended: resend after reconnecting
+        // One Submit failed while the stream lives (a deadline, the edge refusing a call, the
+        // network): the outcome is unknown, so resend with the same op id after a backoff.
+        const failure = error instanceof ThreadlineError ? error : makeError("UNKNOWN", String(error));
+        await this.client.sleep(this.backoff.delay(Math.max(op.attempts - 1, 0), failure.retryAfter));
+        continue;
       }
       this.handleResult(result);
     }

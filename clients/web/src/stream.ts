@@ -34,6 +34,9 @@ export interface StreamOptions {
   heartbeatSeconds?: number;
 }
 
+// Token refresh attempts are never closer than this (seconds).
+const MIN_REFRESH_GAP_S = 1;
+
 type FrameInit = MessageInitShape<typeof ClientFrameSchema>["kind"];
 
 /** A queue of frames the reader fills and `frames()` drains; `null` marks the end. */
@@ -148,7 +151,11 @@ export class RealtimeStream {
     if (this.ended) throw this.endedError();
     const frame = create(ClientFrameSchema, { requestId: `r${++this.requestCounter}`, kind });
     try {
-      const response = await this.client.realtime.submit({ frame, sessionId: this.sessionId }, { timeoutMs });
+      // Aborted with the stream: closing never waits for a Submit in flight.
+      const response = await this.client.realtime.submit(
+        { frame, sessionId: this.sessionId },
+        { timeoutMs, signal: this.abort.signal },
+      );
       return response.frame;
     } catch (error) {
       throw fromConnectError(error);
@@ -245,48 +252,55 @@ export class RealtimeStream {
     return this.endError ?? makeError("UNAVAILABLE", "stream closed", "STREAM_CLOSED");
   }
 
-  private every(seconds: number, action: () => void): void {
-    const tick = () => {
-      if (this.ended) return;
-      action();
-      this.timers.push(setTimeout(tick, seconds * 1000));
-    };
-    this.timers.push(setTimeout(tick, seconds * 1000));
+  /** A timer that forgets itself once it fires (so long streams do not accumulate them). */
+  private later(seconds: number, action: () => void): void {
+    const timer = setTimeout(() => {
+      this.timers = this.timers.filter((t) => t !== timer);
+      if (!this.ended) action();
+    }, seconds * 1000);
+    this.timers.push(timer);
   }
 
-  /** Arms one timer for the refresh margin before the token's expiry; re-arms after. */
+  private every(seconds: number, action: () => void): void {
+    const tick = () => {
+      action();
+      this.later(seconds, tick);
+    };
+    this.later(seconds, tick);
+  }
+
+  /**
+   * Arms one timer for the refresh margin before the token's expiry; re-arms after. Always at
+   * least a second apart: a client clock ahead of the server's must not spin, and the server
+   * (not this clock) decides when the stream's token has expired.
+   */
   private scheduleRefresh(failures = 0): void {
     const expires = this.tokenExpiresAt;
     if (expires === null || this.ended) return;
-    const now = this.client.clock.now();
     const due = expires - refreshMargin(expires, this.tokenIssuedAt);
-    const delay = Math.max(0, due - now);
-    this.timers.push(
-      setTimeout(() => {
-        void this.refreshOnce().then(
-          () => this.scheduleRefresh(),
-          (error: unknown) => {
-            if (this.ended) return;
-            // Retry with backoff, but never past expiry: the server then ends the stream itself.
-            const wait = Math.min(new Backoff({ initial: 1, maximum: 30 }).delay(failures), Math.max(0, expires - this.client.clock.now()));
-            console.warn("threadline: stream token refresh failed", error);
-            this.timers.push(setTimeout(() => this.scheduleRefresh(failures + 1), wait * 1000));
-          },
-        );
-      }, delay * 1000),
-    );
+    const delay = Math.max(MIN_REFRESH_GAP_S, due - this.client.clock.now());
+    this.later(delay, () => {
+      void this.refreshOnce().then(
+        (refreshed) => this.scheduleRefresh(refreshed ? 0 : failures + 1),
+        (error: unknown) => {
+          if (this.ended) return;
+          console.warn("threadline: stream token refresh failed", error);
+          this.later(new Backoff({ initial: 1, maximum: 30 }).delay(failures), () => this.scheduleRefresh(failures + 1));
+        },
+      );
+    });
   }
 
-  private async refreshOnce(): Promise<void> {
-    const expires = this.tokenExpiresAt;
-    if (expires !== null && this.client.clock.now() >= expires) return;
+  /** Replaces the stream's token if the provider has a newer one; false when it has not. */
+  private async refreshOnce(): Promise<boolean> {
     let token = await this.client.tokens.get();
     if (token === this.token) token = await this.client.tokens.get(true);
     if (token === this.token) {
       // The provider has nothing newer (a static token): ask again later, not in a loop.
-      await this.client.sleep(Math.max(1, ((expires ?? 0) - this.client.clock.now()) / 4));
-      return;
+      await this.client.sleep(Math.max(MIN_REFRESH_GAP_S, ((this.tokenExpiresAt ?? 0) - this.client.clock.now()) / 4));
+      return false;
     }
     await this.refreshAuth(token);
+    return true;
   }
 }

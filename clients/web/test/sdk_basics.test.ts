@@ -69,11 +69,16 @@ describe("tokens", () => {
     expect(calls).toBe(3);
   });
 
-  test("a failing provider is UNAUTHENTICATED", async () => {
+  test("a failing provider is UNAUTHENTICATED, and asked again on the next call", async () => {
+    let calls = 0;
     const cache = new TokenCache(() => {
-      throw new Error("signed out");
-    });
+      calls += 1;
+      if (calls === 1) throw new Error("signed out"); // synchronously, as a plain function may
+      return jwt({ exp: 2000, iat: 1000 });
+    }, { now: () => 1000 });
     await expect(cache.get()).rejects.toMatchObject({ code: "UNAUTHENTICATED" });
+    await expect(cache.get()).resolves.toContain(".");
+    expect(calls).toBe(2);
   });
 });
 

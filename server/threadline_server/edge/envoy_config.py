@@ -47,7 +47,8 @@ def default_origins(settings: Settings, http_port: int) -> list[str]:
     host = settings.server.host
     loopback = host in _ANY_ADDRESS or host in ("127.0.0.1", "localhost")
     names = ["127.0.0.1", "localhost"] if loopback else [host]
-    return [f"http://{name}:{http_port}" for name in names]
+    # An IPv6 literal is bracketed in an origin, as browsers send it.
+    return [f"http://{f'[{n}]' if ':' in n else n}:{http_port}" for n in names]
 
 
 def allowed_origins(settings: Settings, http_port: int) -> list[str]:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -52,14 +53,28 @@ def binds_loopback(host: str) -> bool:
         return False
 
 
+def _loopback_url(url: str) -> bool:
+    host = urlsplit(url.strip()).hostname or ""
+    return binds_loopback(host)
+
+
 def available(settings: Settings) -> bool:
-    """Whether this node offers dev sign-in at all (see the module docstring)."""
+    """Whether this node offers dev sign-in at all (see the module docstring).
+
+    `auto` needs more than a loopback bind: a server on 127.0.0.1 behind a reverse proxy on the
+    same host is reachable from anywhere, so a public URL or a web origin that is not loopback
+    (the signs of such a setup) turns it off too."""
     if settings.auth.mode != "embedded":
         return False
     mode = settings.web.dev_sign_in
     if mode == "off":
         return False
-    return mode == "on" or binds_loopback(settings.server.host)
+    if mode == "on":
+        return True
+    web_urls = [settings.web.public_url, *settings.web.allowed_origins]
+    return binds_loopback(settings.server.host) and all(
+        _loopback_url(u) for u in web_urls if u.strip()
+    )
 
 
 class DevSignIn:
@@ -71,6 +86,8 @@ class DevSignIn:
         self._mint = mint
         self._ttl_s = settings.auth.embedded_token_ttl_s
         self._subject = re.compile(settings.auth.subject_pattern)
+        self._explicit = settings.web.dev_sign_in == "on"
+        self._admins = frozenset(settings.auth.admin_users)
         if not binds_loopback(settings.server.host):
             logger.warning(
                 "dev sign-in is on at %s: anyone who can reach the HTTP port can sign in as "
@@ -82,6 +99,9 @@ class DevSignIn:
         router.add_post(PATH, self.handle)
 
     async def handle(self, request: web.Request) -> web.Response:
+        if not self._explicit and not _direct_loopback(request):
+            # auto: only a browser on this machine talking to us directly (no proxy between).
+            return _error(403, "dev sign-in answers direct loopback requests only")
         origin = request.headers.get("Origin")
         if origin is not None and not self._context.allows(origin):
             return _error(403, "origin not allowed")
@@ -134,6 +154,9 @@ class DevSignIn:
             return violations.items[0].description
         if not self._subject.fullmatch(user_id):
             return "user_id does not match auth.subject_pattern"
+        if user_id in self._admins and not self._explicit:
+            # Operators' powers need `threadline token` (the signing key), not a web form.
+            return "admin users cannot use dev sign-in (web.dev_sign_in=auto)"
         name = body.get("display_name")
         if name is not None and (
             not isinstance(name, str)
@@ -142,6 +165,18 @@ class DevSignIn:
         ):
             return f"display_name must be at most {MAX_DISPLAY_NAME_CHARS} printable characters"
         return None
+
+
+_PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP")
+
+
+def _direct_loopback(request: web.Request) -> bool:
+    """A request from a loopback peer, for a loopback Host, that no proxy forwarded."""
+    if any(h in request.headers for h in _PROXY_HEADERS):
+        return False
+    peer = request.remote or ""
+    host = urlsplit(f"//{request.host}").hostname or ""
+    return binds_loopback(peer) and binds_loopback(host)
 
 
 def _error(status: int, message: str) -> web.Response:

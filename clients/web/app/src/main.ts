@@ -134,7 +134,10 @@ async function main(): Promise<void> {
     sendButton.textContent = "Uploading…";
     void uploadFile(client, chosen)
       .then((uploadId) => session.send(threadId, body, [uploadId]))
-      .catch((e: unknown) => showError(`Upload failed: ${String(e)}`))
+      .catch((e: unknown) => {
+        if (!text.value) text.value = body; // keep what the user wrote for another try
+        showError(`Upload failed: ${String(e)}`);
+      })
       .finally(() => {
         sendButton.disabled = false;
         sendButton.textContent = "Send";
