@@ -40,7 +40,11 @@ def _children(pid: int) -> list[int]:
 def _envoy_pid(server: ServerProcess) -> int:
     assert server.proc is not None
     for pid in _children(server.proc.pid):
-        if "envoy" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:  # a short-lived child gone between the listing and this read
+            continue
+        if "envoy" in cmdline:
             return pid
     raise AssertionError("no envoy child of the server")
 
