@@ -1,15 +1,15 @@
 """Database load controls: the pool is bounded at its size with no overflow, and on PostgreSQL
-the hot statements run as prepared statements (asyncpg's per-connection statement cache)."""
+the send path's statements run as prepared statements (asyncpg's per-connection statement cache),
+each prepared once and reused."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-from sqlalchemy import text
 
 from tests.e2e.test_realtime_delivery import create_thread
 from tests.support.raw_stream import RawStream
+from threadline_server.storage.hot import postgres
+from threadline_server.storage.hot.postgres import PostgresSendWriter
 
 
 async def test_pool_is_bounded_and_hot_statements_are_prepared(server, channel, token, db_url):
@@ -26,21 +26,18 @@ async def test_pool_is_bounded_and_hot_statements_are_prepared(server, channel, 
         await alice.send_message(thread, f"m{i}", f"op-{i}")
     alice.cancel()
 
-    # Every connection the server used has its statements prepared once and reused.
-    prepared = 0
-    held = []
-    try:
-        for _ in range(pool.checkedin()):
-            conn = await server.db.engine.connect()
-            held.append(conn)
-            prepared += (
-                await conn.execute(
-                    text(
-                        "SELECT count(*) FROM pg_prepared_statements "
-                        "WHERE statement LIKE 'INSERT INTO messages %'"
-                    )
-                )
-            ).scalar_one()
-    finally:
-        await asyncio.gather(*(c.close() for c in held))
-    assert prepared >= 1  # the send path's INSERT, prepared on the connection that ran it
+    # The send transaction runs on the send writer's own connection (storage.hot.postgres):
+    # each of its statements prepared once there, and run for every send since.
+    writer = server.db.send_writer
+    assert isinstance(writer, PostgresSendWriter)
+    conn = writer._conn
+    assert conn is not None
+    runs = {
+        sql: await conn.fetchval(
+            "SELECT coalesce(max(generic_plans + custom_plans), 0) FROM pg_prepared_statements"
+            " WHERE statement = $1",
+            sql,
+        )
+        for sql in (postgres._READ, postgres._BUMP, postgres._INSERT)
+    }
+    assert all(n >= 5 for n in runs.values()), runs

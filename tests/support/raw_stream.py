@@ -110,13 +110,15 @@ class RawStream:
         assert done.WhichOneof("kind") == "sync_complete", done
         return welcome.welcome
 
-    async def send_message(self, thread_id: str, text: str, op_id: str) -> rt.OperationResult:
+    async def send_message(
+        self, thread_id: str, text: str, op_id: str, timeout: float = 5.0
+    ) -> rt.OperationResult:
         rid = self.send(
             rt.ClientFrame(
                 send_message=rt.SendMessage(client_op_id=op_id, thread_id=thread_id, text=text)
             )
         )
-        return (await self.reply_to(rid)).operation_result
+        return (await self.reply_to(rid, timeout)).operation_result
 
     async def events(
         self, count: int, timeout: float = 5.0, *, presence: bool = False

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from threadline_server.errors import DeadlineExceeded, Unavailable
 from threadline_server.observability import log_context
+from threadline_server.storage.hot import SendWriter, send_writer
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,14 @@ class Database:
         if self.is_sqlite:
             _install_sqlite_hooks(self.engine, sqlite_synchronous, int(query_timeout_s * 1000))
         _install_slow_query_log(self.engine, slow_query_s, on_slow_query)
+        self.on_slow_query = on_slow_query
+        # Sends without attachments bypass the engine (storage.hot); it connects on first use.
+        self.send_writer: SendWriter | None = send_writer(
+            url,
+            query_timeout_s=query_timeout_s,
+            sqlite_synchronous=sqlite_synchronous,
+            on_unknown_outcome=self.notify_unknown_outcome,
+        )
 
     async def check_durability(self) -> None:
         """Asserts the settings that make an acknowledgement mean durable (P1)."""
@@ -161,8 +170,7 @@ class Database:
             if committing:
                 # COMMIT failed or its outcome is unknown (a dropped connection): it may have
                 # happened without its after-commit step. Whoever mirrors writes must forget.
-                for hook in self._unknown_outcome_hooks:
-                    hook()
+                self.notify_unknown_outcome()
             raise
         finally:
             _caller.set(previous)
@@ -171,12 +179,18 @@ class Database:
         """`hook` runs when a write transaction fails at or after COMMIT."""
         self._unknown_outcome_hooks.append(hook)
 
+    def notify_unknown_outcome(self) -> None:
+        for hook in self._unknown_outcome_hooks:
+            hook()
+
     def pool_in_use(self) -> int:
         """Connections checked out of the pool now (for the metrics)."""
         checkedout = getattr(self.engine.pool, "checkedout", None)
         return int(checkedout()) if callable(checkedout) else 0
 
     async def dispose(self) -> None:
+        if self.send_writer is not None:
+            await self.send_writer.close()
         await self.engine.dispose()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
@@ -24,6 +26,9 @@ from threadline_server.errors import (
     Unavailable,
 )
 from threadline_server.storage.history import message_at, save_message_revision
+from threadline_server.storage.hot import SendWriter
+from threadline_server.storage.hot import plan as hot_plan
+from threadline_server.storage.hot.errors import WriteRaced
 from threadline_server.storage.rows import message_from_row
 from threadline_server.storage.store_base import _now, new_id, runs_to_completion
 from threadline_server.storage.store_threads import ThreadStore
@@ -34,6 +39,8 @@ from threadline_server.storage.uploads import (
     check_attachable,
     release_messages,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class MessageStore(ThreadStore):
@@ -64,21 +71,50 @@ class MessageStore(ThreadStore):
         """Group commit: every item in one transaction; per-thread seqs stay gapless.
 
         Items that fail validation get their error and write nothing; the others commit
-        together, and each sender's outcome resolves only after that COMMIT.
+        together, and each sender's outcome resolves only after that COMMIT. Batches without
+        attachments take the driver-level writer (storage.hot), the others the engine.
         """
         try:
-            return await self._send_batch(items)
+            return await self._send_once(items)
         except FailedPrecondition as exc:
             # An upload checked as free was attached by another node meanwhile.
             if len(items) == 1:
                 return [exc]
             return [(await self.send_messages([item]))[0] for item in items]
-        except IntegrityError:
+        except (IntegrityError, WriteRaced):
             if len(items) == 1:
                 # Another node committed the same op id first: answer from its record.
-                return await self._send_batch(items)
+                return await self._send_once(items)
             # Isolate the item that raced (e.g. on another node) so it cannot sink the others.
-            return [(await self._send_batch([item]))[0] for item in items]
+            return [(await self._send_once([item]))[0] for item in items]
+
+    async def _send_once(self, items: Sequence[SendItem]) -> list[SendOutcome | DomainError]:
+        writer = self._db.send_writer
+        if writer is None or any(item.attachment_ids for item in items):
+            return await self._send_batch(items)
+        return await self._send_direct(writer, items)
+
+    async def _send_direct(
+        self, writer: SendWriter, items: Sequence[SendItem]
+    ) -> list[SendOutcome | DomainError]:
+        started = time.perf_counter()
+        async with self._db.write_lock:
+            plan, written = await writer.write(items, _now())
+            if written.events:  # under the lock: delivery order is commit order
+                self._committed(written.events)
+        elapsed = time.perf_counter() - started
+        if elapsed >= self._db.slow_query_s:
+            self._db.on_slow_query()
+            logger.warning("slow send transaction (%.3f s, %d messages)", elapsed, len(items))
+        earlier: dict[str, Message] = {}
+        replayed = hot_plan.replayed_ids(plan)
+        if replayed:  # the original result: the message as it was sent, even if edited since
+            async with self._db.read() as conn:
+                for message_id in replayed:
+                    first_version = await message_at(conn, message_id, 1)
+                    if first_version is not None:
+                        earlier[message_id] = first_version
+        return hot_plan.finish(plan, earlier)
 
     async def _send_batch(self, items: Sequence[SendItem]) -> list[SendOutcome | DomainError]:
         async with self._db.write() as tx:
