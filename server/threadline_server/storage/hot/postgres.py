@@ -106,12 +106,15 @@ class PostgresSendWriter:
         fresh = self._conn is None or self._conn.is_closed()
         try:
             return await self._attempt(items, now)
-        except _LOST:
+        except _Stale as stale:
             if fresh:
-                raise
+                raise _unavailable(stale) from stale
         # A connection that died while idle (the server restarted) fails at BEGIN, before
         # anything was sent: one more try on a new connection.
-        return await self._attempt(items, now)
+        try:
+            return await self._attempt(items, now)
+        except _Stale as stale:
+            raise _unavailable(stale) from stale
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -145,9 +148,9 @@ class PostgresSendWriter:
         conn = await self._connect()
         try:
             await conn.execute("BEGIN")
-        except _LOST:
+        except _LOST as exc:
             await self._drop()
-            raise
+            raise _Stale(type(exc).__name__) from exc
         committing = False
         try:
             plan, written = await self._transaction(conn, items, now)
@@ -219,6 +222,10 @@ class PostgresSendWriter:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.terminate()
+
+
+class _Stale(Exception):
+    """The connection failed at BEGIN: nothing of the batch reached the server."""
 
 
 def _unavailable(exc: BaseException) -> Unavailable:

@@ -89,6 +89,10 @@ class SqliteSendWriter:
             # write lock until it has, so no other writer starts while it is open.
             await asyncio.wait([future])
             raise
+        except _CommitFailed as failed:
+            # On the loop, not the writer thread: the hooks clear caches the loop reads.
+            self._on_unknown_outcome()
+            raise failed.error from failed.__cause__
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
@@ -132,11 +136,12 @@ class SqliteSendWriter:
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     logger.warning("rollback after a failed send transaction failed")
+            error = (
+                WriteRaced(str(exc)) if isinstance(exc, sqlite3.IntegrityError) else _mapped(exc)
+            )
             if committing:
-                self._on_unknown_outcome()
-            if isinstance(exc, sqlite3.IntegrityError):
-                raise WriteRaced(str(exc)) from exc
-            raise _mapped(exc) from exc
+                raise _CommitFailed(error) from exc
+            raise error from exc
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -206,6 +211,14 @@ class SqliteSendWriter:
             ),
         )
         return plan, w
+
+
+class _CommitFailed(Exception):
+    """COMMIT failed: its outcome is unknown to whoever mirrors writes (see Database.write)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _mapped(exc: sqlite3.Error) -> Unavailable:
