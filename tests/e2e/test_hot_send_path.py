@@ -4,6 +4,9 @@ with nothing written, and survives the database dropping its connection."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import asyncpg
 import grpc
 import pytest
@@ -172,3 +175,26 @@ async def test_send_after_the_database_dropped_every_connection(server, channel,
     after = await alice.send_message(thread, "after", "op-2")
     assert after.confirmed.message.seq == 2 and not after.replayed
     alice.cancel()
+
+
+async def test_a_slow_send_transaction_is_logged_and_counted(settings_factory, db_url, caplog):
+    app = ThreadlineServer(settings_factory(database={"query_timeout_s": 5.0, "slow_query_s": 0.3}))
+    endpoints = await app.start()
+    caplog.set_level(logging.WARNING, logger="threadline_server.storage.store_messages")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{endpoints.grpc_port}") as channel:
+            thread = await create_thread(channel, app.mint("alice", 600), "bob")
+            alice = RawStream(channel, app.mint("alice", 600))
+            await alice.hello()
+            # Held for 0.6 s: slower than 0.3 s, well within the timeout.
+            lock = await LockHolder.take(db_url, thread)
+            release = asyncio.create_task(lock.release(after=0.6))
+            sent = await alice.send_message(thread, "slow", "op-slow", timeout=15)
+            await release
+            assert sent.confirmed.message.seq == 1
+            alice.cancel()
+        [slow] = [r for r in caplog.records if r.getMessage().startswith("slow send")]
+        assert "1 messages" in slow.getMessage()
+        assert "threadline_slow_queries_total 1.0" in app.metrics.render().decode()
+    finally:
+        await app.stop(grace=0.5)

@@ -212,20 +212,25 @@ async def _mapped_errors() -> AsyncIterator[None]:
         raise Unavailable("BACKEND_UNAVAILABLE", "database unavailable") from exc
 
 
+def configure_sqlite(dbapi_connection: Any, synchronous: str, busy_ms: int) -> None:
+    """The settings of every SQLite connection: the engine's and the send writer's."""
+    # Let us emit BEGIN ourselves (pysqlite's implicit transactions defeat BEGIN IMMEDIATE).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA synchronous={synchronous}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    # Waiting for another writer counts against the query timeout too.
+    cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+    cursor.close()
+
+
 def _install_sqlite_hooks(engine: AsyncEngine, synchronous: str, busy_ms: int) -> None:
     sync_engine = engine.sync_engine
 
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Let us emit BEGIN ourselves (pysqlite's implicit transactions defeat BEGIN IMMEDIATE).
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA synchronous={synchronous}")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        # Waiting for another writer counts against the query timeout too.
-        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
-        cursor.close()
+        configure_sqlite(dbapi_connection, synchronous, busy_ms)
 
     @event.listens_for(sync_engine, "begin")
     def _on_begin(conn: Any) -> None:

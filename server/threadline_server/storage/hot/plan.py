@@ -53,22 +53,45 @@ class BatchPlan:
 
 @dataclass
 class Written:
-    """The new rows of a batch, column by column as the inserts take them, and its events."""
+    """The new messages of a batch (with the items they came from), their change cursors and
+    events; the inserts take the rows column by column."""
 
-    indexes: list[int] = field(default_factory=list)  # of each row's item in the batch
+    indexes: list[int] = field(default_factory=list)  # of each message's item in the batch
+    items: list[SendItem] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)
-    message_ids: list[str] = field(default_factory=list)
-    thread_ids: list[str] = field(default_factory=list)
-    seqs: list[int] = field(default_factory=list)
-    authors: list[str] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    op_ids: list[str] = field(default_factory=list)
-    hashes: list[bytes] = field(default_factory=list)
     change_seqs: list[int] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.message_ids)
+        return len(self.messages)
+
+    @property
+    def message_ids(self) -> list[str]:
+        return [m.id for m in self.messages]
+
+    @property
+    def thread_ids(self) -> list[str]:
+        return [m.thread_id for m in self.messages]
+
+    @property
+    def seqs(self) -> list[int]:
+        return [m.seq for m in self.messages]
+
+    @property
+    def authors(self) -> list[str]:
+        return [m.author_id for m in self.messages]
+
+    @property
+    def texts(self) -> list[str]:
+        return [m.text for m in self.messages]
+
+    @property
+    def op_ids(self) -> list[str]:
+        return [i.client_op_id for i in self.items]
+
+    @property
+    def hashes(self) -> list[bytes]:
+        return [i.payload_hash for i in self.items]
 
 
 def op_keys(items: Sequence[SendItem]) -> list[tuple[str, str]]:
@@ -127,23 +150,17 @@ def allocate(plan: BatchPlan, last_seqs: Mapping[str, int]) -> list[tuple[int, i
 
 
 def build(plan: BatchPlan, seqs: list[tuple[int, int]], now: datetime) -> Written:
-    """The rows of the new messages (their change cursors come from `number`)."""
+    """The new messages (their change cursors come from `number`)."""
     out = Written()
     for idx, seq in seqs:
         item = plan.items[idx]
         out.indexes.append(idx)
+        out.items.append(item)
         out.messages.append(
             Message(
                 uuid.uuid4().hex, item.thread_id, seq, item.user_id, item.text, 1, False, now, None
             )
         )
-        out.message_ids.append(out.messages[-1].id)
-        out.thread_ids.append(item.thread_id)
-        out.seqs.append(seq)
-        out.authors.append(item.user_id)
-        out.texts.append(item.text)
-        out.op_ids.append(item.client_op_id)
-        out.hashes.append(item.payload_hash)
     return out
 
 
@@ -164,7 +181,7 @@ def number(plan: BatchPlan, w: Written, first_change: int) -> None:
                 message.created_at,
                 message,
                 plan.members[message.thread_id],
-                plan.items[idx].client_op_id,
+                w.items[offset].client_op_id,
             )
         )
         plan.outcomes[idx] = SendOutcome(message, change, False)

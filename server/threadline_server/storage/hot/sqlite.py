@@ -2,10 +2,10 @@
 thread: the event loop hands a whole group commit over once and gets its result back once,
 instead of one thread hand-off (and one SQLAlchemy compile) per statement.
 
-The connection has the same settings as the engine's (WAL, synchronous, foreign keys, busy
-timeout). Writes in this process are serialized by Database.write_lock, which the caller holds,
-so this connection and the engine's never wait on each other; another process waits up to the
-busy timeout, as it does for the engine.
+The connection has the engine's settings (storage.db.configure_sqlite: WAL, synchronous,
+foreign keys, busy timeout). Writes in this process are serialized by Database.write_lock,
+which the caller holds, so this connection and the engine's never wait on each other; another
+process waits up to the busy timeout, as it does for the engine.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from threadline_server.domain.models import EventKind
 from threadline_server.domain.ports import SendItem
 from threadline_server.errors import Unavailable
+from threadline_server.storage.db import configure_sqlite
 from threadline_server.storage.hot import plan as p
 from threadline_server.storage.hot.errors import WriteRaced
 from threadline_server.storage.tables import Stamp
@@ -104,11 +105,8 @@ class SqliteSendWriter:
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self._path, timeout=self._busy_timeout_s, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_s * 1000)}")
+            conn = sqlite3.connect(self._path, timeout=self._busy_timeout_s)
+            configure_sqlite(conn, self._synchronous, int(self._busy_timeout_s * 1000))
             self._local.conn = conn
         return conn
 
@@ -172,43 +170,22 @@ class SqliteSendWriter:
         w = p.build(plan, seqs, now)
         last = int(conn.execute(_RESERVE, (len(w),)).fetchone()[0])
         p.number(plan, w, last - len(w) + 1)
+        kind = EventKind.MESSAGE_CREATED.value
+        rows = list(zip(w.items, w.messages, w.change_seqs, strict=True))
         conn.executemany(
             _INSERT_MESSAGE,
-            zip(
-                w.message_ids,
-                w.thread_ids,
-                w.seqs,
-                w.authors,
-                w.texts,
-                [stamp] * len(w),
-                strict=True,
-            ),
+            [(m.id, m.thread_id, m.seq, m.author_id, m.text, stamp) for _, m, _ in rows],
         )
         conn.executemany(
             _INSERT_OP,
-            zip(
-                w.authors,
-                w.op_ids,
-                w.hashes,
-                w.message_ids,
-                w.change_seqs,
-                [stamp] * len(w),
-                strict=True,
-            ),
+            [(m.author_id, i.client_op_id, i.payload_hash, m.id, c, stamp) for i, m, c in rows],
         )
         conn.executemany(
             _INSERT_CHANGE,
-            zip(
-                w.change_seqs,
-                w.thread_ids,
-                [EventKind.MESSAGE_CREATED.value] * len(w),
-                w.seqs,
-                w.authors,
-                w.message_ids,
-                w.op_ids,
-                [stamp] * len(w),
-                strict=True,
-            ),
+            [
+                (c, m.thread_id, kind, m.seq, m.author_id, m.id, i.client_op_id, stamp)
+                for i, m, c in rows
+            ],
         )
         return plan, w
 
