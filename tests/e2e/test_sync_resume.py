@@ -191,3 +191,53 @@ async def test_resume_answers_pending_operations_with_original_results(channel, 
     assert results[0].confirmed.message.id == first.confirmed.message.id
     assert done.sync_complete.recovered
     again.cancel()
+
+
+async def _replay_statements(server, channel, token, user: str, messages: int) -> tuple[int, int]:
+    """Resumes `user` over a thread of `messages` messages (every other one edited); returns
+    (events replayed, SELECTs the server ran while replaying), with the message cache empty."""
+    from sqlalchemy import event
+
+    reader = RawStream(channel, token(user))
+    welcome = await reader.hello()
+    reader.cancel()
+    thread = await create_thread(channel, token(f"{user}-author"), user)
+    author = RawStream(channel, token(f"{user}-author"))
+    await author.hello()
+    for i in range(messages):
+        sent = (await author.send_message(thread, f"m{i}", f"{user}-{i}")).confirmed.message
+        if i % 2:
+            result = await op(author, edit_op(f"{user}-e{i}", sent, f"m{i} edited", 1))
+            assert result.WhichOneof("outcome") == "confirmed"
+    author.cancel()
+    server.store.caches.messages.clear()
+    selects: list[str] = []
+
+    def count(_conn, _cursor, statement: str, _params, _ctx, _many) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            selects.append(statement)
+
+    event.listen(server.db.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        reader = RawStream(channel, token(user))
+        frames, done = await resume(reader, rt.SyncState(epoch=welcome.epoch, change_seq=0))
+        reader.cancel()
+    finally:
+        event.remove(server.db.engine.sync_engine, "before_cursor_execute", count)
+    events = [e for f in frames for e in f.events.events]
+    edited = [e for e in events if e.kind == rt.EVENT_KIND_MESSAGE_UPDATED]
+    created = [e for e in events if e.kind == rt.EVENT_KIND_MESSAGE_CREATED]
+    # Exact as of each change: creations show the first text (from a revision when edited).
+    assert [e.message.text for e in created] == [f"m{i}" for i in range(messages)]
+    assert [e.message.text for e in edited] == [f"m{i} edited" for i in range(1, messages, 2)]
+    assert done.sync_complete.event_count == len(events)
+    return len(events), len(selects)
+
+
+async def test_a_replay_page_costs_the_same_few_queries_however_many_changes_it_holds(
+    server, channel, token
+):
+    few = await _replay_statements(server, channel, token, "rq-few", 4)
+    many = await _replay_statements(server, channel, token, "rq-many", 60)
+    assert many[0] > 8 * few[0] // 2  # 91 events against 7
+    assert many[1] == few[1], (few, many)

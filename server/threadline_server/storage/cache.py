@@ -79,6 +79,10 @@ class MessageCache:
         if self._policy.update_on_read:
             self.put(message)
 
+    def clear(self) -> None:
+        if self._entries is not None:
+            self._entries.clear()
+
     def __len__(self) -> int:
         return 0 if self._entries is None else len(self._entries)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -14,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from threadline_server.domain.models import Event, EventKind, Message, ReadMarker, Thread
 from threadline_server.storage.cache import MessageCache
-from threadline_server.storage.rows import aware, message_from_row, thread_from_row
+from threadline_server.storage.rows import aware
 from threadline_server.storage.tables import (
     changes,
     message_revisions,
@@ -23,9 +22,8 @@ from threadline_server.storage.tables import (
     server_state,
     thread_members,
     thread_revisions,
-    threads,
 )
-from threadline_server.storage.uploads import attachments_for
+from threadline_server.storage.versions import messages_at, threads_at
 
 _MESSAGE_KINDS = {
     EventKind.MESSAGE_CREATED.value,
@@ -68,95 +66,6 @@ async def save_thread_revision(
     )
 
 
-async def message_at(
-    conn: AsyncConnection, message_id: str, version: int, cache: MessageCache | None = None
-) -> Message | None:
-    """The message as it was at `version` (None if unknown or pruned). With a cache, the
-    current version is served from and remembered in it."""
-    if cache is not None and version > 0:
-        hit = cache.get(message_id, version)
-        if hit is not None:
-            return hit
-    row = (await conn.execute(select(messages).where(messages.c.id == message_id))).first()
-    if row is None:
-        return None
-    current = message_from_row(row)
-    files = (await attachments_for(conn, [message_id])).get(message_id, ())
-    current = replace(current, attachments=files)
-    if version in (0, current.version):
-        if cache is not None:
-            cache.fill(current)
-        return current
-    rev = (
-        await conn.execute(
-            select(message_revisions).where(
-                message_revisions.c.message_id == message_id,
-                message_revisions.c.version == version,
-            )
-        )
-    ).first()
-    if rev is None:
-        return None
-    return Message(
-        current.id,
-        current.thread_id,
-        current.seq,
-        current.author_id,
-        rev.text,
-        version,
-        bool(rev.deleted),
-        current.created_at,
-        aware(rev.updated_at),
-        current.attachments,
-    )
-
-
-async def thread_at(
-    conn: AsyncConnection, thread_id: str, version: int, members: Sequence[str] | None = None
-) -> Thread | None:
-    """The thread as it was at `version` (None if unknown or pruned)."""
-    row = (await conn.execute(select(threads).where(threads.c.id == thread_id))).first()
-    if row is None:
-        return None
-    if version in (0, row.version):
-        if members is None:
-            members = list(
-                (
-                    await conn.execute(
-                        select(thread_members.c.user_id).where(
-                            thread_members.c.thread_id == thread_id
-                        )
-                    )
-                ).scalars()
-            )
-        return thread_from_row(row, members)
-    rev = (
-        await conn.execute(
-            select(thread_revisions).where(
-                thread_revisions.c.thread_id == thread_id, thread_revisions.c.version == version
-            )
-        )
-    ).first()
-    if rev is None:
-        return None
-    updated = aware(rev.updated_at)
-    created = aware(row.created_at)
-    assert updated is not None and created is not None
-    return Thread(
-        id=thread_id,
-        title=rev.title,
-        description=rev.description,
-        tags=tuple(json.loads(rev.tags)),
-        participant_ids=tuple(json.loads(rev.participants)),
-        archived=bool(rev.archived),
-        creator_id=row.creator_id,
-        last_seq=rev.last_seq,
-        version=version,
-        created_at=created,
-        updated_at=updated,
-    )
-
-
 async def replay(
     conn: AsyncConnection,
     user_id: str,
@@ -173,14 +82,26 @@ async def replay(
     are skipped: the user also has the THREAD_REMOVED change that explains it. Also returns the
     last change cursor scanned, so paging advances past skipped rows.
 
-    With `max_bytes`, loading stops once the payloads read reach about that many bytes (at least
-    one change is always taken): 300 changes of 100 KB messages would hold 30 MB per resuming
-    stream. The transport still cuts frames by exact encoded size; this bounds memory.
+    With `max_bytes`, the page ends once its payloads reach about that many bytes (at least one
+    change is always taken): 300 changes of 100 KB messages would hold 30 MB per resuming
+    stream. The estimate is the current text's length (a revision's differs, within the message
+    limit); the transport still cuts frames by exact encoded size. This bounds memory.
     """
     mine = select(thread_members.c.thread_id).where(thread_members.c.user_id == user_id)
+    # The current text's length comes with each change, so the page is cut to `max_bytes`
+    # before any payload is loaded, and then loaded in a few batched queries.
+    text_length = func.coalesce(func.length(messages.c.text), 0).label("text_length")
     rows = (
         await conn.execute(
-            select(changes)
+            select(changes, text_length)
+            .select_from(
+                changes.outerjoin(
+                    messages,
+                    and_(
+                        changes.c.kind.in_(_MESSAGE_KINDS), messages.c.id == changes.c.resource_id
+                    ),
+                )
+            )
             .where(
                 changes.c.change_seq > after,
                 changes.c.change_seq <= upto,
@@ -193,22 +114,32 @@ async def replay(
             .limit(limit)
         )
     ).all()
-    events: list[Event] = []
-    loaded = 0
-    last_scanned: int | None = None
+    page: list[Row[Any]] = []
+    estimate = 0
     for r in rows:
-        if max_bytes and loaded >= max_bytes:
+        if max_bytes and estimate >= max_bytes:
             break
-        last_scanned = r.change_seq
+        page.append(r)
+        estimate += _EVENT_OVERHEAD + int(r.text_length)
+    if not page:
+        return [], None
+    found_messages = await messages_at(
+        conn, [(r.resource_id, r.version) for r in page if r.kind in _MESSAGE_KINDS], cache
+    )
+    found_threads = await threads_at(
+        conn, [(r.thread_id, r.version) for r in page if r.kind in _THREAD_KINDS]
+    )
+    events: list[Event] = []
+    for r in page:
         created = aware(r.created_at)
         assert created is not None
         payload: Message | Thread | ReadMarker | None = None
         if r.kind in _MESSAGE_KINDS:
-            payload = await message_at(conn, r.resource_id, r.version, cache)
+            payload = found_messages.get((r.resource_id, r.version))
             if payload is None:
                 continue
         elif r.kind in _THREAD_KINDS:
-            payload = await thread_at(conn, r.thread_id, r.version)
+            payload = found_threads.get((r.thread_id, r.version))
             if payload is None:
                 continue
         elif r.kind == EventKind.READ_MARKER_UPDATED.value:
@@ -228,8 +159,7 @@ async def replay(
                 client_op_id=r.client_op_id if r.actor_id == user_id else "",
             )
         )
-        loaded += approx_bytes(payload)
-    return events, last_scanned
+    return events, page[-1].change_seq
 
 
 _EVENT_OVERHEAD = 256  # ids, cursors, timestamps and tags around a payload

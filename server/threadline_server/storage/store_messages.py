@@ -25,7 +25,7 @@ from threadline_server.errors import (
     PermissionDenied,
     Unavailable,
 )
-from threadline_server.storage.history import message_at, save_message_revision
+from threadline_server.storage.history import save_message_revision
 from threadline_server.storage.hot import SendWriter
 from threadline_server.storage.hot import plan as hot_plan
 from threadline_server.storage.hot.errors import WriteRaced
@@ -39,6 +39,7 @@ from threadline_server.storage.uploads import (
     check_attachable,
     release_messages,
 )
+from threadline_server.storage.versions import message_at
 
 logger = logging.getLogger(__name__)
 

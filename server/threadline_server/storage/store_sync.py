@@ -8,10 +8,11 @@ from sqlalchemy import select, text
 
 from threadline_server.domain.models import Event, Message, Thread
 from threadline_server.domain.ports import IndexStat, StoredOp
-from threadline_server.storage.history import message_at, prune, replay, stored_ops, thread_at
+from threadline_server.storage.history import prune, replay, stored_ops
 from threadline_server.storage.store_base import _now, runs_to_completion
 from threadline_server.storage.store_messages import MessageStore
 from threadline_server.storage.tables import server_state, thread_members
+from threadline_server.storage.versions import message_at, thread_at
 
 _IN_CHUNK = 500  # ids per IN list: well under every driver's parameter limit
 

@@ -15,12 +15,13 @@ from threadline_server.domain.merge import merge_fields
 from threadline_server.domain.models import Event, EventKind, ReadMarker, Thread, ThreadSummary
 from threadline_server.domain.ports import OpKey, ThreadChange, ThreadCursor
 from threadline_server.errors import MergeConflict, NotFound, PermissionDenied, VersionMismatch
-from threadline_server.storage.history import save_thread_revision, thread_at
+from threadline_server.storage.history import save_thread_revision
 from threadline_server.storage.rows import aware, message_from_row, thread_from_row
 from threadline_server.storage.store_base import _now, new_id, runs_to_completion
 from threadline_server.storage.store_users import UserStore
 from threadline_server.storage.tables import messages, thread_members, threads
 from threadline_server.storage.uploads import attachments_for, release_thread
+from threadline_server.storage.versions import thread_at
 
 
 class ThreadStore(UserStore):
