@@ -139,7 +139,7 @@ class ThreadlineServer:
         )
         self.metrics.pool_in_use.set_function(self.db.pool_in_use)
         self.broker = LocalBroker(
-            codec.encode_event, settings.realtime.max_connections_per_user, self.metrics
+            codec.encode_event_pair, settings.realtime.max_connections_per_user, self.metrics
         )
         caches = settings.caches
         self.store = SqlStore(

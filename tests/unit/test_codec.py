@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from threadline.v1 import realtime_pb2 as rt
 from threadline.v1 import realtime_service_pb2 as rs
@@ -47,6 +48,32 @@ def test_author_copy_carries_the_op_id_and_others_do_not():
     assert rt.Event.FromString(codec.encode_event(e, True)).client_op_id == "op-9"
     assert rt.Event.FromString(codec.encode_event(e, False)).client_op_id == ""
     assert codec.encode_event(e, False).change_seq == 1
+
+
+def test_the_authors_copy_is_the_plain_bytes_plus_the_op_id_and_parses_the_same():
+    e = _event(3, "op-7")
+    plain, authored = codec.encode_event_pair(e)
+    assert rt.Event.FromString(plain) == codec.event(e, False)
+    assert rt.Event.FromString(authored) == codec.event(e, True)
+    assert authored.startswith(plain) and authored.change_seq == plain.change_seq == 3
+    no_op = codec.encode_event_pair(_event(4))
+    assert no_op[0] is no_op[1]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(2026, 12, 2, 13, 5, 7, 123456, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(2026, 6, 1, 8, 0, tzinfo=timezone(timedelta(hours=-7, minutes=-30))),
+        datetime(2026, 6, 1, 8, 0, 0, 5),  # noqa: DTZ001  (naive: local time, as before)
+    ],
+)
+def test_timestamps_equal_protobufs_own_conversion(value: datetime):
+    expected = Timestamp()
+    expected.FromDatetime(value.astimezone(UTC))
+    assert codec.ts(value) == expected
 
 
 def test_page_tokens_are_bound_to_their_parameters():

@@ -14,13 +14,14 @@ from threadline_server.realtime.session import EventBytes, StreamSession
 
 logger = logging.getLogger(__name__)
 
-# (event, for_author) -> the encoded frame; supplied by the transport layer.
-Encoder = Callable[[Event, bool], EventBytes]
+# event -> (its bytes for everyone, its bytes for its author's streams); from the transport.
+Encoder = Callable[[Event], tuple[EventBytes, EventBytes]]
 
 
 class LocalBroker:
-    """Delivers to sessions on this node. Each event is encoded at most twice (once for its
-    author's streams, which carry the client_op_id, once for everyone else), never per stream."""
+    """Delivers to sessions on this node. Each event is encoded once, when some session here
+    receives it (its author's copy, which carries the client_op_id, comes from the same bytes),
+    never per stream."""
 
     def __init__(
         self, encode: Encoder, max_connections_per_user: int, metrics: Metrics | None = None
@@ -67,20 +68,19 @@ class LocalBroker:
     def publish(self, events: list[Event]) -> None:
         started = time.perf_counter()
         delivered = 0
+        by_user = self._by_user
         for event in events:
-            plain: EventBytes | None = None
-            authored: EventBytes | None = None
+            encoded: tuple[EventBytes, EventBytes] | None = None
             for user_id in event.recipients:
-                for session in self._by_user.get(user_id, ()):
-                    if event.client_op_id and user_id == event.actor_id:
-                        if authored is None:
-                            authored = self._encode(event, True)
-                        session.deliver(authored)
-                    else:
-                        if plain is None:
-                            plain = self._encode(event, False)
-                        session.deliver(plain)
-                    delivered += 1
+                sessions = by_user.get(user_id)
+                if not sessions:
+                    continue
+                if encoded is None:
+                    encoded = self._encode(event)
+                frame = encoded[1] if user_id == event.actor_id else encoded[0]
+                for session in sessions:
+                    session.deliver(frame)
+                delivered += len(sessions)
         if self._metrics is not None:
             self._metrics.deliveries.inc(delivered)
             self._metrics.fanout_seconds.observe(time.perf_counter() - started)

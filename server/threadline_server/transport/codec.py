@@ -19,13 +19,18 @@ from threadline.v1 import (
 from threadline_server.domain import models, uploads
 from threadline_server.realtime.session import EventBytes
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 
 def ts(value: datetime | None) -> Timestamp | None:
+    """Seconds and nanos set directly: protobuf's FromDatetime (through calendar.timegm) cost
+    three times as much, and every message carries two timestamps (docs/performance.md)."""
     if value is None:
         return None
-    out = Timestamp()
-    out.FromDatetime(value.astimezone(UTC))
-    return out
+    if value.tzinfo is None:  # as FromDatetime(value.astimezone(UTC)) read it: local time
+        value = value.astimezone(UTC)
+    since = value - _EPOCH
+    return Timestamp(seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1000)
 
 
 def ts_epoch(seconds: float) -> Timestamp:
@@ -182,9 +187,25 @@ def event(e: models.Event, for_author: bool) -> realtime_pb2.Event:
 
 def encode_event(e: models.Event, for_author: bool) -> EventBytes:
     """Serializes an event once; the broker reuses the bytes for every recipient."""
-    out = EventBytes(event(e, for_author).SerializeToString())
-    out.change_seq = e.change_seq
-    return out
+    plain, authored = encode_event_pair(e)
+    return authored if for_author else plain
+
+
+_EVENT_CLIENT_OP_ID = 6  # Event.client_op_id
+
+
+def encode_event_pair(e: models.Event) -> tuple[EventBytes, EventBytes]:
+    """The event for everyone and for its author's streams, from one serialization: the
+    author's copy is the same bytes with the client_op_id field appended (a protobuf parser
+    takes fields in any order), so a send's event is built and encoded once, not twice."""
+    raw = event(e, False).SerializeToString()
+    plain = EventBytes(raw)
+    plain.change_seq = e.change_seq
+    if not e.client_op_id:
+        return plain, plain
+    authored = EventBytes(raw + _field(_EVENT_CLIENT_OP_ID, e.client_op_id.encode()))
+    authored.change_seq = e.change_seq
+    return plain, authored
 
 
 # --- frames from pre-encoded parts ---------------------------------------------------------
