@@ -12,9 +12,13 @@ from threadline_server.storage.history import prune, replay, stored_ops
 from threadline_server.storage.store_base import _now, runs_to_completion
 from threadline_server.storage.store_messages import MessageStore
 from threadline_server.storage.tables import server_state, thread_members
-from threadline_server.storage.versions import message_at, thread_at
+from threadline_server.storage.versions import messages_at, threads_at
 
 _IN_CHUNK = 500  # ids per IN list: well under every driver's parameter limit
+
+
+def _message_key(op: StoredOp) -> tuple[str, int]:
+    return op.resource_id, op.result_version or 1  # 0, the column default, means the first
 
 
 class SyncStore(MessageStore):
@@ -41,18 +45,34 @@ class SyncStore(MessageStore):
     ) -> list[tuple[str, StoredOp, Message | Thread | None]]:
         """Original outcomes of operations the client is unsure about (SyncState.pending)."""
         async with self._db.read() as conn:
-            out: list[tuple[str, StoredOp, Message | Thread | None]] = []
-            for row in await stored_ops(conn, user_id, op_ids):
-                op = StoredOp(
-                    row.resource_kind, row.resource_id, row.change_seq, row.result_version
+            rows = await stored_ops(conn, user_id, op_ids)
+            ops = [
+                (
+                    r.client_op_id,
+                    StoredOp(r.resource_kind, r.resource_id, r.change_seq, r.result_version),
                 )
-                resource: Message | Thread | None
-                if op.resource_kind == "message":
-                    resource = await message_at(conn, op.resource_id, op.result_version or 1)
-                else:
-                    resource = await thread_at(conn, op.resource_id, op.result_version)
-                out.append((row.client_op_id, op, resource))
-            return out
+                for r in rows
+            ]
+            found_messages = await messages_at(
+                conn, [_message_key(op) for _, op in ops if op.resource_kind == "message"]
+            )
+            found_threads = await threads_at(
+                conn,
+                [
+                    (op.resource_id, op.result_version)
+                    for _, op in ops
+                    if op.resource_kind != "message"
+                ],
+            )
+        out: list[tuple[str, StoredOp, Message | Thread | None]] = []
+        for op_id, op in ops:
+            resource: Message | Thread | None
+            if op.resource_kind == "message":
+                resource = found_messages.get(_message_key(op))
+            else:
+                resource = found_threads.get((op.resource_id, op.result_version))
+            out.append((op_id, op, resource))
+        return out
 
     @runs_to_completion
     async def prune(self, retention_s: int, idempotency_window_s: int) -> tuple[int, int]:
