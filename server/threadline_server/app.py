@@ -31,6 +31,7 @@ from threadline_server.auth import EmbeddedIssuer, TokenVerifier
 from threadline_server.blobs import create_blob_store
 from threadline_server.blobs.local import LocalBlobStore
 from threadline_server.config import CacheEntry, LimitsSettings, Settings
+from threadline_server.domain.batching import Coalescer
 from threadline_server.domain.limits import Budget, Rate, RateLimits
 from threadline_server.domain.messages import GroupCommitter, Messaging
 from threadline_server.domain.models import Event
@@ -153,9 +154,14 @@ class ThreadlineServer:
             self.store, settings.database.group_commit_max, self._observe_batch
         )
         self.typing = TypingTracker(self.broker.publish, settings.realtime.typing_ttl_s)
+        # Looked up for every stream that connects: coalesced, so a reconnect storm costs a few
+        # batched queries rather than two per stream.
+        self._peers: Coalescer[str, frozenset[str]] = Coalescer(
+            self.store.co_participants, missing=lambda _user: frozenset()
+        )
         self.presence = PresenceTracker(
             self.broker.publish,
-            self.store.co_participants,
+            self._peers,
             self.broker.online,
             settings.realtime.presence_grace_s,
         )
@@ -165,6 +171,7 @@ class ThreadlineServer:
         self.issuer: EmbeddedIssuer | None = None
         self.health = health.aio.HealthServicer()
         self.realtime: RealtimeServicer | None = None
+        self.auth: Authenticator | None = None
         self.endpoints: Endpoints | None = None
         self._background: list[asyncio.Task[None]] = []
         self._index_stats_at = -_INDEX_STATS_EVERY_S
@@ -212,9 +219,9 @@ class ThreadlineServer:
         self.verifier = TokenVerifier(s.auth, issuer=issuer, jwks_url=jwks_url)
         await self.verifier.start()
 
-        auth = Authenticator(
+        self.auth = auth = Authenticator(
             self.verifier,
-            self.store.upsert_user,
+            self.store.upsert_users,
             s.caches.users.max_size,
             s.caches.users.ttl_s,
             self.metrics.cache_lookup,
@@ -444,8 +451,14 @@ class ThreadlineServer:
             await self.server.stop(grace)
         if self.edge is not None:  # after the browser streams it carried got their drain frames
             await self.edge.stop()
+        # The lookups the handlers shared, before the database closes (their callers are gone).
+        if self.auth is not None:
+            await self.auth.close()
+        if self.realtime is not None:
+            await self.realtime.close()
         await self.committer.stop()
         await self.presence.close()
+        await self._peers.close()
         await self.store.drain()
         if self.http is not None:
             await self.http.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -22,6 +22,19 @@ class Principal:
     email: str = ""
     image_url: str = ""
     actor: str = ""  # `act.sub` when an admin impersonates the user
+
+
+class UserClaims(NamedTuple):
+    """The profile a verified token states for its user (what the users table keeps of it)."""
+
+    user_id: str
+    display_name: str = ""
+    email: str = ""
+    image_url: str = ""
+
+    @classmethod
+    def of(cls, principal: Principal) -> UserClaims:
+        return cls(principal.user_id, principal.display_name, principal.email, principal.image_url)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,11 +11,11 @@ from threadline_server.domain.models import (
     Event,
     Message,
     Preferences,
-    Principal,
     ReadMarker,
     Thread,
     ThreadSummary,
     User,
+    UserClaims,
 )
 from threadline_server.errors import DomainError
 
@@ -94,7 +94,7 @@ class IndexStat:
 class Store(Protocol):
     """Durable state. Every write is one transaction; its events are published after COMMIT."""
 
-    async def upsert_user(self, principal: Principal) -> None: ...
+    async def upsert_users(self, profiles: Sequence[UserClaims]) -> None: ...
     async def get_user(self, user_id: str) -> tuple[User, Preferences]: ...
     async def update_preferences(
         self, user_id: str, values: dict[str, Any], expected_version: int
@@ -146,7 +146,7 @@ class Store(Protocol):
     ) -> list[tuple[str, StoredOp, Message | Thread | None]]: ...
     async def prune(self, retention_s: int, idempotency_window_s: int) -> tuple[int, int]: ...
     async def thread_members(self, thread_id: str) -> frozenset[str]: ...
-    async def co_participants(self, user_id: str) -> frozenset[str]: ...
+    async def co_participants(self, user_ids: Sequence[str]) -> dict[str, frozenset[str]]: ...
     async def index_usage(self) -> tuple[str, list[IndexStat]]: ...
 
 

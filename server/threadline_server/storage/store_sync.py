@@ -17,6 +17,10 @@ from threadline_server.storage.versions import messages_at, threads_at
 _IN_CHUNK = 500  # ids per IN list: well under every driver's parameter limit
 
 
+def _chunked(values: list[str]) -> list[list[str]]:
+    return [values[i : i + _IN_CHUNK] for i in range(0, len(values), _IN_CHUNK)]
+
+
 def _message_key(op: StoredOp) -> tuple[str, int]:
     return op.resource_id, op.result_version or 1  # 0, the column default, means the first
 
@@ -84,24 +88,36 @@ class SyncStore(MessageStore):
             row = (await conn.execute(select(server_state).where(server_state.c.id == 1))).one()
         return str(row.epoch), int(row.change_seq)
 
-    async def co_participants(self, user_id: str) -> frozenset[str]:
-        """Everyone who shares at least one thread with `user_id` (for presence). Two indexed
-        steps rather than a self-join, which PostgreSQL tends to plan as a hash join over all
-        memberships once a user is in a few hundred threads."""
-        mine = select(thread_members.c.thread_id).where(thread_members.c.user_id == user_id)
-        peers: set[str] = set()
+    async def co_participants(self, user_ids: Sequence[str]) -> dict[str, frozenset[str]]:
+        """For each user, everyone who shares at least one thread with them (for presence): two
+        indexed steps for the whole batch, rather than a self-join, which PostgreSQL tends to
+        plan as a hash join over all memberships once a user is in a few hundred threads."""
+        threads_of: dict[str, list[str]] = {user: [] for user in user_ids}
+        members_of: dict[str, set[str]] = {}
         async with self._db.read() as conn:
-            thread_ids = list((await conn.execute(mine)).scalars())
-            for start in range(0, len(thread_ids), _IN_CHUNK):
-                chunk = thread_ids[start : start + _IN_CHUNK]
-                stmt = (
-                    select(thread_members.c.user_id)
-                    .where(thread_members.c.thread_id.in_(chunk))
-                    .distinct()
+            for users in _chunked(list(threads_of)):
+                rows = await conn.execute(
+                    select(thread_members.c.user_id, thread_members.c.thread_id).where(
+                        thread_members.c.user_id.in_(users)
+                    )
                 )
-                peers.update((await conn.execute(stmt)).scalars())
-        peers.discard(user_id)
-        return frozenset(peers)
+                for user, thread_id in rows:
+                    threads_of[user].append(thread_id)
+                    members_of[thread_id] = set()
+            for thread_ids in _chunked(list(members_of)):
+                rows = await conn.execute(
+                    select(thread_members.c.thread_id, thread_members.c.user_id).where(
+                        thread_members.c.thread_id.in_(thread_ids)
+                    )
+                )
+                for thread_id, user in rows:
+                    members_of[thread_id].add(user)
+        out: dict[str, frozenset[str]] = {}
+        for user, thread_ids in threads_of.items():
+            peers = set().union(*(members_of[t] for t in thread_ids))
+            peers.discard(user)
+            out[user] = frozenset(peers)
+        return out
 
     async def index_usage(self) -> tuple[str, list[IndexStat]]:
         """(backend, per-index use) from pg_stat_user_indexes; SQLite keeps no such figures."""

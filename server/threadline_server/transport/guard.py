@@ -8,14 +8,15 @@ import inspect
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
 from cachetools import TTLCache
 from grpc_status import rpc_status
 
-from threadline_server.domain.models import Principal
+from threadline_server.domain.batching import Coalescer
+from threadline_server.domain.models import Principal, UserClaims
 from threadline_server.errors import DomainError, Unauthenticated
 from threadline_server.observability import Metrics, bind_log_context
 from threadline_server.transport.compression import DEFAULT_THRESHOLD, send_plain_if_small
@@ -34,22 +35,25 @@ class TokenVerifier(Protocol):
 
 
 class Authenticator:
-    """Bearer metadata to a Principal; upserts the user from claims once per cache period."""
+    """Bearer metadata to a Principal; stores the user's profile from its claims once per cache
+    period. Callers arriving together share one lookup (a reconnect storm after a restart, when
+    the cache is empty): a batch reads the profiles and writes only the new or changed ones."""
 
     def __init__(
         self,
         verifier: TokenVerifier,
-        upsert_user: Callable[[Principal], Awaitable[None]],
+        upsert_users: Callable[[Sequence[UserClaims]], Awaitable[None]],
         cache_size: int,
         cache_ttl_s: float,
         on_lookup: Callable[[str, bool], None] = lambda _name, _hit: None,
     ) -> None:
         self.verifier = verifier
-        self._upsert = upsert_user
+        self._upsert_users = upsert_users
+        self._upsert: Coalescer[UserClaims, None] = Coalescer(self._store, missing=lambda _: None)
         self._on_lookup = on_lookup
         # The users cache: claims already written. Keyed by every claim stored, so a changed name
         # or avatar misses and is written; nothing else writes a user's profile.
-        self._seen: TTLCache[tuple[str, str, str, str], bool] | None = (
+        self._seen: TTLCache[UserClaims, bool] | None = (
             TTLCache(cache_size, cache_ttl_s) if cache_size > 0 and cache_ttl_s > 0 else None
         )
 
@@ -72,13 +76,20 @@ class Authenticator:
         return principal
 
     async def remember(self, principal: Principal) -> None:
-        key = (principal.user_id, principal.display_name, principal.email, principal.image_url)
+        key = UserClaims.of(principal)
         seen = self._seen is not None and key in self._seen
         self._on_lookup("users", seen)
         if not seen:
-            await self._upsert(principal)
+            await self._upsert(key)
             if self._seen is not None:
                 self._seen[key] = True
+
+    async def close(self) -> None:
+        await self._upsert.close()
+
+    async def _store(self, profiles: Sequence[UserClaims]) -> dict[UserClaims, None]:
+        await self._upsert_users(profiles)
+        return {}
 
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}

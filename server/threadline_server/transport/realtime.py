@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,6 +16,7 @@ import grpc
 from threadline.v1 import realtime_pb2 as rt
 from threadline.v1 import realtime_service_pb2 as rs
 from threadline_server.config import Settings
+from threadline_server.domain.batching import Coalescer
 from threadline_server.domain.models import Event, EventKind, PresenceState, Principal
 from threadline_server.domain.ports import Store
 from threadline_server.errors import (
@@ -79,6 +80,12 @@ class RealtimeServicer:
         # activity), wall time for token expiry. A test sets its own before opening streams.
         self.clock: Callable[[], float] = time.monotonic
         self.wall_clock: Callable[[], float] = time.time
+        # Every stream reads the resume point after subscribing. Streams opening together share
+        # a read that starts after each of them subscribed (see Coalescer), which keeps the
+        # no-gap rule below and costs one query per batch in a reconnect storm.
+        self._resume_point: Coalescer[None, tuple[str, int, int]] = Coalescer(
+            self._read_resume_point, missing=_never
+        )
 
     # ---- RPCs ---------------------------------------------------------------------------
 
@@ -239,7 +246,7 @@ class RealtimeServicer:
         reader: asyncio.Task[None] | None = None
         live = True
         try:
-            epoch, cursor, pruned = await self.store.resume_point()
+            epoch, cursor, pruned = await self._resume_point(None)
             session.min_change_seq = cursor
             resuming = hello.HasField("sync_state")
             yield codec.frame_bytes(self._welcome(session, epoch, hello_frame.request_id, resuming))
@@ -283,6 +290,13 @@ class RealtimeServicer:
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reader
+
+    async def close(self) -> None:
+        """After the server stopped: no resume-point read may outlive it."""
+        await self._resume_point.close()
+
+    async def _read_resume_point(self, _keys: Sequence[None]) -> dict[None, tuple[str, int, int]]:
+        return {None: await self.store.resume_point()}
 
     def _release(self, session: StreamSession) -> None:
         self.broker.unsubscribe(session)
@@ -512,6 +526,10 @@ def _presence_event(recipient: str, state: PresenceState) -> EventBytes:
         frozenset([recipient]),
     )
     return codec.encode_event(event, False)
+
+
+def _never(_key: None) -> tuple[str, int, int]:
+    raise AssertionError("the resume point is always read")
 
 
 def _replaced_frame() -> bytes:
