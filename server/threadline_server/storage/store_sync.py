@@ -48,6 +48,8 @@ class SyncStore(MessageStore):
         self, user_id: str, op_ids: Sequence[str]
     ) -> list[tuple[str, StoredOp, Message | Thread | None]]:
         """Original outcomes of operations the client is unsure about (SyncState.pending)."""
+        if not op_ids:
+            return []  # the usual resume: no transaction to open
         async with self._db.read() as conn:
             rows = await stored_ops(conn, user_id, op_ids)
             ops = [
