@@ -4,9 +4,11 @@ accounting and token minting for a `threadline serve` started by ServerProcess."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -258,3 +260,18 @@ async def echo_run(rate: float, count: int, size: int) -> Measured:
     m.deliver = m.ack
     m.deliveries = m.frames = count
     return m
+
+
+def drain_output(proc: ServerProcess) -> None:
+    """Reads a started server's output into `proc.output` on a daemon thread until it ends, so
+    that a long run never fills the pipe (which would block the server at its next log line)."""
+    assert proc.proc is not None and proc.proc.stdout is not None
+    stdout = proc.proc.stdout
+
+    def run() -> None:
+        # kill()/stop() read the rest and close the pipe themselves, maybe while this reads.
+        with contextlib.suppress(ValueError, OSError, RuntimeError):
+            for line in stdout:
+                proc.output.append(line)
+
+    threading.Thread(target=run, daemon=True).start()

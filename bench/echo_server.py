@@ -15,7 +15,14 @@ async def echo(requests: AsyncIterator[bytes], _context: object) -> AsyncIterato
 
 
 async def main(port: int) -> None:
-    server = grpc.aio.server()
+    # As `threadline serve` sets them (server.max_pending_calls): gRPC's defaults refuse calls
+    # of a storm of thousands that the application has not taken up yet.
+    server = grpc.aio.server(
+        options=[
+            ("grpc.server.max_pending_requests", 15_000),
+            ("grpc.server.max_pending_requests_hard_limit", 30_000),
+        ]
+    )
     handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.stream_stream_rpc_method_handler(echo)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),)

@@ -41,6 +41,12 @@ class ServerSettings(BaseModel):
         "gRPC's limits are set to it, so acceptance never depends on chance.",
     )
     max_concurrent_streams: int = Field(100, ge=1, description="HTTP/2 streams per connection.")
+    max_pending_calls: int = Field(
+        30_000,
+        ge=2,
+        description="Calls arrived but not yet taken up by the server (a reconnect storm); "
+        "gRPC refuses new ones at random from half of this, all of them beyond it (CANCELLED).",
+    )
     keepalive_time_ms: int = Field(60_000, description="Server keepalive ping interval.")
     keepalive_timeout_ms: int = Field(20_000, description="Keepalive ping ack timeout.")
     min_ping_interval_ms: int = Field(

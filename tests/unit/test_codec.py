@@ -87,3 +87,10 @@ def test_page_tokens_are_bound_to_their_parameters():
         with pytest.raises(InvalidArgument) as err:
             paging.decode(bad, params)
         assert err.value.violations[0].field == "page_token"
+
+
+@pytest.mark.parametrize("seconds", [0.0, 1764683107.123456, -1.5, 1e-9, 253402300799.5])
+def test_epoch_timestamps_equal_protobufs_own_conversion(seconds: float):
+    expected = Timestamp()
+    expected.FromNanoseconds(int(seconds * 1e9))
+    assert codec.ts_epoch(seconds) == expected

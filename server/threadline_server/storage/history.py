@@ -7,7 +7,21 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, select, tuple_, union_all, update
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    Select,
+    String,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    tuple_,
+    union_all,
+    update,
+)
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -66,6 +80,50 @@ async def save_thread_revision(
     )
 
 
+def _replay_page() -> Select[Any]:
+    """A user's next page of changes, with each message's current text length.
+
+    Two index walks, each O(what this user missed): the changes addressed to the user
+    (ix_changes_user), and those of the threads it belongs to (ix_changes_thread, one range per
+    thread). As one OR, both databases walked every thread-wide change in the window, everyone's,
+    to keep this user's: a reconnect storm after a busy hour read the whole hour per user.
+    (`coalesce` keeps the planner off ix_changes_user for "user_id IS NULL".) The text length lets
+    the page be cut to its byte bound before any payload is loaded.
+
+    Built once: constructing this statement (its subqueries' column proxies) cost more than
+    running it, for every resuming stream.
+    """
+    user_id = bindparam("user_id", type_=String)
+    limit = bindparam("limit", type_=Integer)
+    mine = select(thread_members.c.thread_id).where(thread_members.c.user_id == user_id)
+    window = and_(
+        changes.c.change_seq > bindparam("after", type_=BigInteger),
+        changes.c.change_seq <= bindparam("upto", type_=BigInteger),
+    )
+    own = select(changes).where(window, changes.c.user_id == user_id)
+    shared = select(changes).where(
+        window, changes.c.thread_id.in_(mine), func.coalesce(changes.c.user_id, "") == ""
+    )
+    both = union_all(
+        *(select(q.order_by(changes.c.change_seq).limit(limit).subquery()) for q in (own, shared))
+    ).subquery()
+    text_length = func.coalesce(func.length(messages.c.text), 0).label("text_length")
+    return (
+        select(both, text_length)
+        .select_from(
+            both.outerjoin(
+                messages,
+                and_(both.c.kind.in_(_MESSAGE_KINDS), messages.c.id == both.c.resource_id),
+            )
+        )
+        .order_by(both.c.change_seq)
+        .limit(limit)
+    )
+
+
+_REPLAY_PAGE = _replay_page()
+
+
 async def replay(
     conn: AsyncConnection,
     user_id: str,
@@ -87,34 +145,9 @@ async def replay(
     stream. The estimate is the current text's length (a revision's differs, within the message
     limit); the transport still cuts frames by exact encoded size. This bounds memory.
     """
-    # Two index walks, each O(what this user missed): the changes addressed to the user
-    # (ix_changes_user), and those of the threads it belongs to (ix_changes_thread, one range per
-    # thread). As one OR, both databases walked every thread-wide change in the range, everyone's,
-    # to keep this user's: a reconnect storm after a busy hour read the whole hour per user.
-    # (`coalesce` keeps the planner off ix_changes_user for "user_id IS NULL".)
-    mine = select(thread_members.c.thread_id).where(thread_members.c.user_id == user_id)
-    window = and_(changes.c.change_seq > after, changes.c.change_seq <= upto)
-    own = select(changes).where(window, changes.c.user_id == user_id)
-    shared = select(changes).where(
-        window, changes.c.thread_id.in_(mine), func.coalesce(changes.c.user_id, "") == ""
-    )
-    both = union_all(
-        *(select(q.order_by(changes.c.change_seq).limit(limit).subquery()) for q in (own, shared))
-    ).subquery()
-    # The current text's length comes with each change, so the page is cut to `max_bytes`
-    # before any payload is loaded, and then loaded in a few batched queries.
-    text_length = func.coalesce(func.length(messages.c.text), 0).label("text_length")
     rows = (
         await conn.execute(
-            select(both, text_length)
-            .select_from(
-                both.outerjoin(
-                    messages,
-                    and_(both.c.kind.in_(_MESSAGE_KINDS), messages.c.id == both.c.resource_id),
-                )
-            )
-            .order_by(both.c.change_seq)
-            .limit(limit)
+            _REPLAY_PAGE, {"user_id": user_id, "after": after, "upto": upto, "limit": limit}
         )
     ).all()
     page: list[Row[Any]] = []
