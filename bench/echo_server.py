@@ -21,6 +21,7 @@ async def main(port: int) -> None:
         options=[
             ("grpc.server.max_pending_requests", 15_000),
             ("grpc.server.max_pending_requests_hard_limit", 30_000),
+            ("grpc.server_max_unrequested_time_in_server", 300),
         ]
     )
     handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.stream_stream_rpc_method_handler(echo)

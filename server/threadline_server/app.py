@@ -221,7 +221,7 @@ class ThreadlineServer:
 
         self.auth = auth = Authenticator(
             self.verifier,
-            self.store.upsert_users,
+            self.store,
             s.caches.users.max_size,
             s.caches.users.ttl_s,
             self.metrics.cache_lookup,
@@ -423,6 +423,8 @@ class ThreadlineServer:
             # of our code ran. Refusal starts at random from half the limit, as gRPC does.
             ("grpc.server.max_pending_requests", max(1, s.max_pending_calls // 2)),
             ("grpc.server.max_pending_requests_hard_limit", s.max_pending_calls),
+            # ... and gRPC cancels one that waits longer than this (its default: 30 s).
+            ("grpc.server_max_unrequested_time_in_server", s.max_pending_call_wait_s),
             ("grpc.server_handshake_timeout_ms", s.handshake_timeout_ms),
             ("grpc.max_connection_idle_ms", s.max_connection_idle_ms),
             ("grpc.keepalive_time_ms", s.keepalive_time_ms),

@@ -47,6 +47,12 @@ class ServerSettings(BaseModel):
         description="Calls arrived but not yet taken up by the server (a reconnect storm); "
         "gRPC refuses new ones at random from half of this, all of them beyond it (CANCELLED).",
     )
+    max_pending_call_wait_s: int = Field(
+        300,
+        ge=1,
+        description="How long such a call may wait to be taken up before gRPC cancels it "
+        "(gRPC's own default, 30 s, cancelled a fifth of a 10,000-client reconnect storm).",
+    )
     keepalive_time_ms: int = Field(60_000, description="Server keepalive ping interval.")
     keepalive_timeout_ms: int = Field(20_000, description="Keepalive ping ack timeout.")
     min_ping_interval_ms: int = Field(

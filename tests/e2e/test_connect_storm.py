@@ -117,3 +117,18 @@ async def test_presence_peers_of_many_users_come_from_one_batch(server, channel,
         "pp-cy": frozenset({"pp-bob", "pp-dee"}),
         "pp-nobody": frozenset(),
     }
+
+
+async def test_claims_too_long_for_the_profile_columns_are_stored_cut_and_sign_in_works(
+    uncached,
+):
+    server, channel = uncached
+    long_name = "N\x00" + "n" * 400  # an identity provider's data: never the caller's mistake
+    tok = server.mint("long-claims", 600, name=long_name, email="e" * 400 + "@example.com")
+    await _connect_all(channel, [tok, server.mint("short-claims", 600, name="Short")])
+    me = await usg.UserServiceStub(channel).GetMe(us.GetMeRequest(), metadata=bearer(tok))
+    assert me.user.display_name == ("N" + "n" * 400)[:256]
+    assert len(me.user.email) == 320
+    with UserWrites(server) as again:
+        await _connect_all(channel, [tok])  # stored as the columns hold it: nothing to rewrite
+    assert again.statements == []

@@ -241,3 +241,44 @@ async def test_a_replay_page_costs_the_same_few_queries_however_many_changes_it_
     many = await _replay_statements(server, channel, token, "rq-many", 60)
     assert many[0] > 8 * few[0] // 2  # 91 events against 7
     assert many[1] == few[1], (few, many)
+
+
+async def test_replay_pages_stay_within_their_byte_bound_whatever_the_current_rows_say(
+    server, channel, token
+):
+    """The bound is estimated before loading from the text each change refers to: a deleted
+    message's row is empty while its creation replays the original, and 4-byte characters
+    count four times. Pages still cover every change exactly once."""
+    from threadline_server.storage.history import approx_bytes
+
+    reader = RawStream(channel, token("rb-reader"))
+    await reader.hello()
+    reader.cancel()
+    thread = await create_thread(channel, token("rb-author"), "rb-reader")
+    author = RawStream(channel, token("rb-author"))
+    await author.hello()
+    big = 40_000  # bytes: 10,000 four-byte characters
+    sent = []
+    for i in range(12):
+        text = f"{i:02d}" + "\U0001f600" * ((big - 2) // 4)
+        sent.append((await author.send_message(thread, text, f"rb-{i}")).confirmed.message)
+    for i, message in enumerate(sent):
+        assert (await op(author, delete_op(f"rb-d{i}", message))).WhichOneof(
+            "outcome"
+        ) == "confirmed"
+    author.cancel()
+    server.store.caches.messages.clear()
+    _, cursor, _ = await server.store.resume_point()
+    room = 100_000
+    after, seen, pages = 0, [], 0
+    while after < cursor:
+        events, last = await server.store.replay("rb-reader", after, cursor, 300, room)
+        if last is None:
+            break
+        pages += 1
+        loaded = sum(approx_bytes(e.payload) for e in events)
+        assert loaded <= room + big + 1024, (pages, len(events), loaded)
+        seen += [e.change_seq for e in events]
+        after = last
+    assert len(seen) == len(set(seen)) == 1 + 12 + 12  # joined, sent, deleted
+    assert pages >= 4  # 12 originals of 40 KB cannot fit in fewer pages of 100 KB

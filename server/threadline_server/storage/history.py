@@ -24,6 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from threadline_server.domain.models import Event, EventKind, Message, ReadMarker, Thread
 from threadline_server.storage.cache import MessageCache
@@ -107,18 +109,48 @@ def _replay_page() -> Select[Any]:
     both = union_all(
         *(select(q.order_by(changes.c.change_seq).limit(limit).subquery()) for q in (own, shared))
     ).subquery()
-    text_length = func.coalesce(func.length(messages.c.text), 0).label("text_length")
+    # The text of the version each change refers to: a revision's, else the current row's (a
+    # deleted message's current text is empty, while its creation replays the original).
+    revision = message_revisions.alias("revision")
+    is_message = both.c.kind.in_(_MESSAGE_KINDS)
+    text_bytes = func.coalesce(ByteLength(revision.c.text), ByteLength(messages.c.text), 0).label(
+        "text_bytes"
+    )
     return (
-        select(both, text_length)
+        select(both, text_bytes)
         .select_from(
             both.outerjoin(
-                messages,
-                and_(both.c.kind.in_(_MESSAGE_KINDS), messages.c.id == both.c.resource_id),
+                messages, and_(is_message, messages.c.id == both.c.resource_id)
+            ).outerjoin(
+                revision,
+                and_(
+                    is_message,
+                    revision.c.message_id == both.c.resource_id,
+                    revision.c.version == both.c.version,
+                ),
             )
         )
         .order_by(both.c.change_seq)
         .limit(limit)
     )
+
+
+class ByteLength(FunctionElement[int]):
+    """The UTF-8 length of a text column in bytes (SQL's length() counts characters)."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+@compiles(ByteLength)
+def _octet_length(element: ByteLength, compiler: Any, **kw: Any) -> str:
+    return f"octet_length({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(ByteLength, "sqlite")
+def _sqlite_byte_length(element: ByteLength, compiler: Any, **kw: Any) -> str:
+    # SQLite before 3.43 has no octet_length; a text cast to BLOB keeps its UTF-8 bytes.
+    return f"length(CAST({compiler.process(element.clauses, **kw)} AS BLOB))"
 
 
 _REPLAY_PAGE = _replay_page()
@@ -142,8 +174,9 @@ async def replay(
 
     With `max_bytes`, the page ends once its payloads reach about that many bytes (at least one
     change is always taken): 300 changes of 100 KB messages would hold 30 MB per resuming
-    stream. The estimate is the current text's length (a revision's differs, within the message
-    limit); the transport still cuts frames by exact encoded size. This bounds memory.
+    stream. The page is cut before loading, from the byte length of the text each change refers
+    to (its revision's or the current one), and again after, from the payloads as loaded (with
+    attachments and thread fields); the transport still cuts frames by exact encoded size.
     """
     rows = (
         await conn.execute(
@@ -156,7 +189,7 @@ async def replay(
         if max_bytes and estimate >= max_bytes:
             break
         page.append(r)
-        estimate += _EVENT_OVERHEAD + int(r.text_length)
+        estimate += _EVENT_OVERHEAD + int(r.text_bytes)
     if not page:
         return [], None
     found_messages = await messages_at(
@@ -166,7 +199,12 @@ async def replay(
         conn, [(r.thread_id, r.version) for r in page if r.kind in _THREAD_KINDS]
     )
     events: list[Event] = []
+    loaded = 0
+    last_scanned = page[0].change_seq
     for r in page:
+        if max_bytes and loaded >= max_bytes:
+            break
+        last_scanned = r.change_seq
         created = aware(r.created_at)
         assert created is not None
         payload: Message | Thread | ReadMarker | None = None
@@ -195,7 +233,8 @@ async def replay(
                 client_op_id=r.client_op_id if r.actor_id == user_id else "",
             )
         )
-    return events, page[-1].change_seq
+        loaded += approx_bytes(payload)
+    return events, last_scanned
 
 
 _EVENT_OVERHEAD = 256  # ids, cursors, timestamps and tags around a payload

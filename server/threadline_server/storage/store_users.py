@@ -21,22 +21,37 @@ class UserStore(StoreBase):
 
     # ---- users ----------------------------------------------------------------------------
 
-    async def upsert_users(self, profiles: Sequence[UserClaims]) -> None:
-        """Stores the users' profiles from their verified claims. A read finds who is missing or
-        changed, and only those are written, in one transaction: a storm of returning users
-        whose claims did not change writes nothing. Of two profiles of one user, the later wins."""
-        latest = {p.user_id: p for p in profiles}
+    async def stale_profiles(self, profiles: Sequence[UserClaims]) -> set[UserClaims]:
+        """Those of `profiles` the users table does not hold as they are: new users, changed
+        claims, users added to a thread before they ever signed in. One read, no lock."""
         async with self._db.read() as conn:
-            stored = await _profiles(conn, list(latest))
-        stale = [p for p in latest.values() if stored.get(p.user_id) != (p, True)]
-        if stale:
-            await self._write_profiles(stale)
+            stored = await _profiles(conn, list({p.user_id for p in profiles}))
+        return {p for p in profiles if stored.get(p.user_id) != (_fitted(p), True)}
+
+    async def upsert_users(self, profiles: Sequence[UserClaims]) -> dict[UserClaims, Exception]:
+        """Stores the profiles in one transaction (of two for one user, the later wins). If the
+        database refuses it, they are written one by one, so that a profile it cannot take
+        fails alone rather than every sign-in of the batch. Returns the failures."""
+        latest = {p.user_id: p for p in profiles}
+        try:
+            await self._write_profiles(list(latest.values()))
+            return {}
+        except Exception as exc:
+            if len(latest) == 1:
+                return dict.fromkeys(profiles, exc)
+        failed: dict[str, Exception] = {}
+        for profile in latest.values():
+            try:
+                await self._write_profiles([profile])
+            except Exception as exc:
+                failed[profile.user_id] = exc
+        return {p: failed[p.user_id] for p in profiles if p.user_id in failed}
 
     @runs_to_completion
     async def _write_profiles(self, profiles: Sequence[UserClaims]) -> None:
         async with self._db.write() as tx:
             stored = await _profiles(tx.conn, [p.user_id for p in profiles])
-            for p in profiles:
+            for p in map(_fitted, profiles):
                 values = {
                     "display_name": p.display_name,
                     "email": p.email,
@@ -83,6 +98,22 @@ class UserStore(StoreBase):
 
 
 _IN_CHUNK = 500  # ids per IN list
+
+
+def _fitted(p: UserClaims) -> UserClaims:
+    """The profile as the columns can hold it: an identity provider's 300-character name or a
+    NUL in a claim is its data, not the caller's mistake, and must not fail the sign-in."""
+
+    def fit(value: str, column: str) -> str:
+        length = users.c[column].type.length  # type: ignore[attr-defined]
+        return value.replace("\x00", "")[:length]
+
+    return UserClaims(
+        p.user_id,
+        fit(p.display_name, "display_name"),
+        fit(p.email, "email"),
+        fit(p.image_url, "image_url"),
+    )
 
 
 async def _profiles(

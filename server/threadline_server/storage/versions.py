@@ -109,10 +109,11 @@ async def threads_at(
         )
     current = [k for k in keys if k[0] in rows and k[1] in (0, rows[k[0]].version)]
     members: dict[str, list[str]] = defaultdict(list)
-    for chunk in _chunks(current):
+    distinct = list(dict.fromkeys(tid for tid, _ in current))
+    for start in range(0, len(distinct), _CHUNK):
         pairs = await conn.execute(
             select(thread_members.c.thread_id, thread_members.c.user_id).where(
-                thread_members.c.thread_id.in_({tid for tid, _ in chunk})
+                thread_members.c.thread_id.in_(distinct[start : start + _CHUNK])
             )
         )
         for thread_id, user_id in pairs:

@@ -29,6 +29,11 @@ logger = logging.getLogger(__name__)
 _HANG_UP_WAIT_S = 5.0
 
 
+class ProfileStore(Protocol):
+    async def stale_profiles(self, profiles: Sequence[UserClaims]) -> set[UserClaims]: ...
+    async def upsert_users(self, profiles: Sequence[UserClaims]) -> dict[UserClaims, Exception]: ...
+
+
 class TokenVerifier(Protocol):
     async def verify_authorization(self, values: list[str]) -> Principal: ...
     async def verify_token(self, token: str) -> Principal: ...
@@ -36,20 +41,24 @@ class TokenVerifier(Protocol):
 
 class Authenticator:
     """Bearer metadata to a Principal; stores the user's profile from its claims once per cache
-    period. Callers arriving together share one lookup (a reconnect storm after a restart, when
-    the cache is empty): a batch reads the profiles and writes only the new or changed ones."""
+    period. Callers arriving together share one read of their profiles (a reconnect storm after
+    a restart, when the cache is empty); only new or changed ones then wait for a write, which
+    the callers arriving together share too."""
 
     def __init__(
         self,
         verifier: TokenVerifier,
-        upsert_users: Callable[[Sequence[UserClaims]], Awaitable[None]],
+        profiles: ProfileStore,
         cache_size: int,
         cache_ttl_s: float,
         on_lookup: Callable[[str, bool], None] = lambda _name, _hit: None,
     ) -> None:
         self.verifier = verifier
-        self._upsert_users = upsert_users
-        self._upsert: Coalescer[UserClaims, None] = Coalescer(self._store, missing=lambda _: None)
+        self._profiles = profiles
+        self._check: Coalescer[UserClaims, bool] = Coalescer(self._stale, missing=lambda _: True)
+        self._write: Coalescer[UserClaims, None] = Coalescer(
+            profiles.upsert_users, missing=lambda _: None
+        )
         self._on_lookup = on_lookup
         # The users cache: claims already written. Keyed by every claim stored, so a changed name
         # or avatar misses and is written; nothing else writes a user's profile.
@@ -80,16 +89,18 @@ class Authenticator:
         seen = self._seen is not None and key in self._seen
         self._on_lookup("users", seen)
         if not seen:
-            await self._upsert(key)
+            if await self._check(key):
+                await self._write(key)
             if self._seen is not None:
                 self._seen[key] = True
 
     async def close(self) -> None:
-        await self._upsert.close()
+        await self._check.close()
+        await self._write.close()
 
-    async def _store(self, profiles: Sequence[UserClaims]) -> dict[UserClaims, None]:
-        await self._upsert_users(profiles)
-        return {}
+    async def _stale(self, profiles: Sequence[UserClaims]) -> dict[UserClaims, bool | Exception]:
+        stale = await self._profiles.stale_profiles(profiles)
+        return {p: p in stale for p in profiles}
 
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
