@@ -65,7 +65,9 @@ async def bare(count: int) -> Measured:
     return m
 
 
-async def threadline(count: int, db: str, profile: str, sqlite_sync: str) -> Measured:
+async def threadline(
+    count: int, db: str, profile: str, sqlite_sync: str, loop: str = "asyncio"
+) -> Measured:
     m = Measured(messages=count)
     with tempfile.TemporaryDirectory() as tmp:
         url = db or f"sqlite+aiosqlite:///{tmp}/bench.db"
@@ -74,6 +76,7 @@ async def threadline(count: int, db: str, profile: str, sqlite_sync: str) -> Mea
             url,
             THREADLINE_LOG_LEVEL="WARNING",
             THREADLINE_DATABASE__SQLITE_SYNCHRONOUS=sqlite_sync,
+            THREADLINE_SERVER__EVENT_LOOP=loop,
         )
         proc.start()
         assert proc.proc is not None
@@ -178,9 +181,21 @@ async def main() -> None:
     p.add_argument("--db", default="", help="database URL (default: a temporary SQLite file)")
     p.add_argument("--sqlite-synchronous", default="FULL")
     p.add_argument("--profile", default="", help="write a py-spy summary of the server here")
+    p.add_argument(
+        "--event-loop",
+        default="asyncio",
+        help="the server's server.event_loop; `both` runs asyncio, then uvloop (SQLite only: "
+        "each run needs a database of its own)",
+    )
     a = p.parse_args()
+    if a.event_loop == "both" and a.db:
+        p.error("--event-loop both needs the default SQLite (one fresh database per run)")
     base = await bare(a.messages)
-    t = await threadline(a.messages, a.db, a.profile, a.sqlite_synchronous)
+    loops = ["asyncio", "uvloop"] if a.event_loop == "both" else [a.event_loop]
+    runs = [
+        (loop, await threadline(a.messages, a.db, a.profile, a.sqlite_synchronous, loop))
+        for loop in loops
+    ]
     db = a.db.split("://")[0] if a.db else f"sqlite synchronous={a.sqlite_synchronous}"
     print(f"one message in flight, {a.messages} messages, {PAYLOAD} B, db={db}")
     print(
@@ -188,7 +203,10 @@ async def main() -> None:
         f"{'srv ms':>9}{'x bare':>8}{'db ms':>8}"
     )
     print(row("bare grpc.aio ping-pong", base, base))
-    print(row("threadline send->deliver", t, base))
+    for loop, t in runs:
+        print(
+            row("threadline send->deliver" + ("" if loop == "asyncio" else f" ({loop})"), t, base)
+        )
 
 
 if __name__ == "__main__":

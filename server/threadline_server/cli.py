@@ -13,7 +13,8 @@ import logging
 import os
 import socket
 import sys
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -71,11 +72,15 @@ def serve_cmd(config: ConfigOpt = None, web: WebOpt = None) -> None:
             print(f"threadline: grpc-web edge on http://{s.server.host}:{ep.web_port}", flush=True)
             # The web app needs the edge: without one the page could not reach the server.
             print(f"threadline: web app on http://{s.server.host}:{ep.http_port}/", flush=True)
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+        print(f"threadline: event loop {loop}", flush=True)
+        # The last line: tests/support/process.py waits for it.
         print(f"threadline: storage {storage}; auth {s.auth.mode} (issuer {ep.issuer})", flush=True)
 
     host = settings.server.host
+    run = _event_loop_runner(settings.server.event_loop)
     try:
-        asyncio.run(serve(settings, started))
+        run(serve(settings, started))
     except RuntimeError as exc:
         if not str(exc).startswith(_GRPC_BIND_FAILED):
             raise
@@ -88,6 +93,23 @@ def serve_cmd(config: ConfigOpt = None, web: WebOpt = None) -> None:
         if exc.errno is None or "bind" not in str(exc) or str(http_port) not in str(exc):
             raise
         _cannot_listen(host, http_port, os.strerror(exc.errno).lower(), "http_port")
+
+
+def _event_loop_runner(name: str) -> Callable[[Coroutine[Any, Any, None]], None]:
+    """asyncio.run, or uvloop's: measured, not assumed (docs/performance.md)."""
+    if name != "uvloop":
+        return asyncio.run
+    try:
+        import uvloop
+    except ImportError:
+        print(
+            "threadline: server.event_loop is uvloop but uvloop is not installed "
+            "(pip install 'threadline[fast]'); set server.event_loop / "
+            "THREADLINE_SERVER__EVENT_LOOP to asyncio",
+            file=sys.stderr,
+        )
+        raise typer.Exit(1) from None
+    return uvloop.run
 
 
 def _cannot_listen(host: str, port: int, why: str, setting: str = "port") -> NoReturn:

@@ -64,6 +64,11 @@ class ServerSettings(BaseModel):
         0, description="Forces clients to reconnect this often (0: never)."
     )
     max_connection_age_grace_ms: int = Field(60_000, description="Grace after max age.")
+    event_loop: Literal["asyncio", "uvloop"] = Field(
+        "asyncio",
+        description="`uvloop` (the `fast` extra) used 1-15% less server CPU per message in "
+        "paired runs here (docs/performance.md); asyncio is what the whole suite runs on.",
+    )
 
 
 class DatabaseSettings(BaseModel):
