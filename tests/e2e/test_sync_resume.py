@@ -282,3 +282,40 @@ async def test_replay_pages_stay_within_their_byte_bound_whatever_the_current_ro
         after = last
     assert len(seen) == len(set(seen)) == 1 + 12 + 12  # joined, sent, deleted
     assert pages >= 4  # 12 originals of 40 KB cannot fit in fewer pages of 100 KB
+
+
+async def test_streams_resuming_together_each_get_exactly_their_own_changes(
+    server, channel, token
+):
+    """Replay pages of streams resuming at once are read in one batch: nobody's changes leak
+    into another's replay, and each gets all of its own."""
+    import asyncio
+
+    users = [f"rt-{i}" for i in range(6)]
+    epoch = ""
+    for user in users:
+        stream = RawStream(channel, token(user))
+        epoch = (await stream.hello()).epoch
+        stream.cancel()
+    threads = {}
+    author = RawStream(channel, token("rt-author"))
+    await author.hello()
+    for i, user in enumerate(users):
+        threads[user] = await create_thread(channel, token("rt-author"), user)
+        for k in range(i + 1):  # a different number of messages each
+            await author.send_message(threads[user], f"{user} #{k}", f"{user}-{k}")
+    author.cancel()
+
+    async def resume_one(user: str) -> list[rt.Event]:
+        stream = RawStream(channel, token(user))
+        frames, done = await resume(stream, rt.SyncState(epoch=epoch, change_seq=0))
+        stream.cancel()
+        events = [e for f in frames for e in f.events.events]
+        assert done.sync_complete.event_count == len(events)
+        return events
+
+    results = await asyncio.gather(*(resume_one(u) for u in users))
+    for i, (user, events) in enumerate(zip(users, results, strict=True)):
+        assert {e.thread_id for e in events} == {threads[user]}
+        texts = [e.message.text for e in events if e.kind == rt.EVENT_KIND_MESSAGE_CREATED]
+        assert texts == [f"{user} #{k}" for k in range(i + 1)]

@@ -91,6 +91,18 @@ class IndexStat:
     tuples_read: int
 
 
+@dataclass(frozen=True, slots=True)
+class ReplayPage:
+    """One user's next replay page: changes in (after, upto], at most `limit` rows and about
+    `max_bytes` of payload."""
+
+    user_id: str
+    after: int
+    upto: int
+    limit: int
+    max_bytes: int
+
+
 class Store(Protocol):
     """Durable state. Every write is one transaction; its events are published after COMMIT."""
 
@@ -142,6 +154,9 @@ class Store(Protocol):
         read reach about `max_bytes` (memory per page); plus the last cursor scanned."""
         ...
 
+    async def replay_many(
+        self, pages: Sequence[ReplayPage]
+    ) -> dict[ReplayPage, tuple[list[Event], int | None]]: ...
     async def stored_results(
         self, user_id: str, op_ids: Sequence[str]
     ) -> list[tuple[str, StoredOp, Message | Thread | None]]: ...

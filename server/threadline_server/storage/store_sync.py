@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from sqlalchemy import select, text
 
 from threadline_server.domain.models import Event, Message, Thread
-from threadline_server.domain.ports import IndexStat, StoredOp
+from threadline_server.domain.ports import IndexStat, ReplayPage, StoredOp
 from threadline_server.storage.history import prune, replay, stored_ops
 from threadline_server.storage.store_base import _now, runs_to_completion
 from threadline_server.storage.store_messages import MessageStore
@@ -43,6 +43,25 @@ class SyncStore(MessageStore):
             return await replay(
                 conn, user_id, after, upto, limit, self.caches.messages, max_bytes=max_bytes
             )
+
+    async def replay_many(
+        self, pages: Sequence[ReplayPage]
+    ) -> dict[ReplayPage, tuple[list[Event], int | None]]:
+        """Several users' next pages in one read transaction: resuming streams arriving
+        together share its connection and its BEGIN, rather than one each."""
+        out: dict[ReplayPage, tuple[list[Event], int | None]] = {}
+        async with self._db.read() as conn:
+            for page in pages:
+                out[page] = await replay(
+                    conn,
+                    page.user_id,
+                    page.after,
+                    page.upto,
+                    page.limit,
+                    self.caches.messages,
+                    max_bytes=page.max_bytes,
+                )
+        return out
 
     async def stored_results(
         self, user_id: str, op_ids: Sequence[str]

@@ -12,13 +12,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+from cachetools import TTLCache
 
 from threadline.v1 import realtime_pb2 as rt
 from threadline.v1 import realtime_service_pb2 as rs
 from threadline_server.config import Settings
 from threadline_server.domain.batching import Coalescer
 from threadline_server.domain.models import Event, EventKind, PresenceState, Principal
-from threadline_server.domain.ports import Store
+from threadline_server.domain.ports import ReplayPage, Store
 from threadline_server.errors import (
     DeadlineExceeded,
     NotFound,
@@ -85,6 +86,12 @@ class RealtimeServicer:
         # no-gap rule below and costs one query per batch in a reconnect storm.
         self._resume_point: Coalescer[None, tuple[str, int, int]] = Coalescer(
             self._read_resume_point, missing=_never
+        )
+        # Replay pages of streams resuming together are read in one transaction. A batch holds
+        # its pages (each up to a frame of payload) until the last is read: 20 bounds that
+        # memory as the pool of 20 read connections bounded it before.
+        self._replay: Coalescer[ReplayPage, tuple[list[Event], int | None]] = Coalescer(
+            store.replay_many, missing=lambda _page: ([], None), max_batch=20
         )
 
     # ---- RPCs ---------------------------------------------------------------------------
@@ -258,7 +265,7 @@ class RealtimeServicer:
                     rt.ServerFrame(sync_complete=rt.SyncComplete(change_seq=cursor, epoch=epoch))
                 )
             online = await self.presence.snapshot(session.user_id)
-            presence = [_presence_event(session.user_id, p) for p in online]
+            presence = [_presence_event(p) for p in online]
             for group in frames.chunk(presence, frames.budget(self.settings)):
                 yield codec.events_frame_bytes(group)
             if requests is not None:
@@ -294,6 +301,7 @@ class RealtimeServicer:
     async def close(self) -> None:
         """After the server stopped: no resume-point read may outlive it."""
         await self._resume_point.close()
+        await self._replay.close()
 
     async def _read_resume_point(self, _keys: Sequence[None]) -> dict[None, tuple[str, int, int]]:
         return {None: await self.store.resume_point()}
@@ -334,7 +342,9 @@ class RealtimeServicer:
         page = self.settings.realtime.replay_batch_size
         room = frames.budget(self.settings)
         while after < cursor:
-            events, last = await self.store.replay(session.user_id, after, cursor, page, room)
+            events, last = await self._replay(
+                ReplayPage(session.user_id, after, cursor, page, room)
+            )
             if last is None:
                 break
             count += len(events)
@@ -513,19 +523,18 @@ class _SlowConsumer(RateLimited):
         super().__init__(0.0, "stream fell behind; resume from your cursor")
 
 
-def _presence_event(recipient: str, state: PresenceState) -> EventBytes:
-    event = Event(
-        0,
-        EventKind.PRESENCE,
-        "",
-        0,
-        0,
-        state.user_id,
-        datetime.now(UTC),
-        state,
-        frozenset([recipient]),
-    )
-    return codec.encode_event(event, False)
+# A peer's presence as a snapshot event names no recipient, so its bytes serve every stream
+# that connects within a second while the state holds: in a reconnect storm each peer's
+# presence was encoded once per stream that saw it (a sixth of a connect's CPU).
+_PRESENCE_SNAPSHOTS: TTLCache[PresenceState, EventBytes] = TTLCache(maxsize=8192, ttl=1.0)
+
+
+def _presence_event(state: PresenceState) -> EventBytes:
+    cached = _PRESENCE_SNAPSHOTS.get(state)
+    if cached is None:
+        event = Event(0, EventKind.PRESENCE, "", 0, 0, state.user_id, datetime.now(UTC), state)
+        cached = _PRESENCE_SNAPSHOTS[state] = codec.encode_event(event, False)
+    return cached
 
 
 def _never(_key: None) -> tuple[str, int, int]:
