@@ -128,13 +128,12 @@ def echo_server() -> Iterator[tuple[int, int]]:
 
 
 class EchoStream:
-    """One bidirectional echo call fed from a queue (like RawStream feeds Connect)."""
+    """One bidirectional call on raw bytes fed from a queue (like RawStream feeds Connect): the
+    echo by default, or another bare server's method."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, path: str = "/bench.Echo/Echo") -> None:
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
-        method: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
-            "/bench.Echo/Echo"
-        )
+        method: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(path)
         self.call = method(self._requests())
 
     async def _requests(self) -> AsyncIterator[bytes]:

@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,6 +58,7 @@ from bench import fanout_bench as fb  # noqa: E402
 from bench._common import (  # noqa: E402
     OWN_CONNECTION,
     CpuClock,
+    EchoStream,
     Measured,
     drain_output,
     mint_tokens,
@@ -106,36 +107,19 @@ def bare_server() -> Iterator[tuple[int, int]]:
         proc.stdout.close()
 
 
-class JoinStream:
+class JoinStream(EchoStream):
     """One `/bench.Fanout/Join` call fed from a queue."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
-        method: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
-            "/bench.Fanout/Join"
-        )
-        self.call = method(self._requests())
-
-    async def _requests(self) -> AsyncIterator[bytes]:
-        while (item := await self._out.get()) is not None:
-            yield item
+        super().__init__(channel, "/bench.Fanout/Join")
 
     async def joined(self) -> None:
         """Waits for the server's empty "joined" frame."""
         if await self.read() != b"":
             raise RuntimeError("expected the joined frame first")
 
-    def send(self, payload: bytes) -> None:
-        self._out.put_nowait(payload)
-
-    async def read(self) -> bytes:
-        item = await self.call.read()
-        if not isinstance(item, bytes):
-            raise EOFError("fan-out stream ended")
-        return item
-
     def cancel(self) -> None:
-        self._out.put_nowait(None)
+        self.close()
         self.call.cancel()
 
 
