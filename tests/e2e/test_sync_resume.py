@@ -284,9 +284,7 @@ async def test_replay_pages_stay_within_their_byte_bound_whatever_the_current_ro
     assert pages >= 4  # 12 originals of 40 KB cannot fit in fewer pages of 100 KB
 
 
-async def test_streams_resuming_together_each_get_exactly_their_own_changes(
-    server, channel, token
-):
+async def test_streams_resuming_together_each_get_exactly_their_own_changes(server, channel, token):
     """Replay pages of streams resuming at once are read in one batch: nobody's changes leak
     into another's replay, and each gets all of its own."""
     import asyncio
