@@ -109,22 +109,29 @@ def mint_tokens(proc: ServerProcess, users: list[str], ttl_s: int = 3600) -> dic
 
 
 @contextmanager
-def echo_server() -> Iterator[tuple[int, int]]:
-    """bench/echo_server.py in its own process; yields (port, pid)."""
+def bare_server(script: str = "echo_server.py") -> Iterator[tuple[int, int]]:
+    """A bare grpc.aio baseline (bench/echo_server.py unless named) in its own process, once it
+    says it is ready; yields (port, pid)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "echo_server.py"), str(port)],
+        [sys.executable, str(ROOT / "bench" / script), str(port)],
         stdout=subprocess.PIPE,
         text=True,
     )
     assert proc.stdout is not None
-    proc.stdout.readline()
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"bench/{script} did not start")
     try:
         yield port, proc.pid
     finally:
         proc.terminate()
         proc.wait()
         proc.stdout.close()
+
+
+echo_server = bare_server
 
 
 class EchoStream:

@@ -12,8 +12,7 @@ What: for each subscriber count N, two cases, each run on a fresh bare server an
   TCP connection, as for Threadline); stream 0 sends, and the server writes every frame to all N
   streams, the sender included, as one gRPC message per event per subscriber;
 - Threadline: bench/fanout_bench.py's setup, reused by import (its Fanout, consume, phase,
-  filler; `drive` is mirrored, greeting streams HELLO_WAVE at a time, because its all-at-once
-  RawStream.hello, fixed at 5 s, times out at 1,000 streams): one thread whose N participants
+  filler, drive, which greets streams in waves): one thread whose N participants
   are distinct users, each holding one Connect stream; participant 0 sends. Its events count as
   deliveries too (N per message). Threadline batches queued events into one frame, so deliveries
   are counted as events, not frames.
@@ -40,13 +39,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -60,17 +55,12 @@ from bench._common import (  # noqa: E402
     CpuClock,
     EchoStream,
     Measured,
+    bare_server,
     drain_output,
-    mint_tokens,
     pace,
     pct,
 )
-from tests.support.process import ServerProcess, free_port  # noqa: E402
-from tests.support.raw_stream import RawStream  # noqa: E402
-from threadline.v1 import realtime_pb2 as rt  # noqa: E402
-from threadline.v1 import thread_pb2  # noqa: E402
-from threadline.v1 import thread_service_pb2 as ts  # noqa: E402
-from threadline.v1 import thread_service_pb2_grpc as tsg  # noqa: E402
+from tests.support.process import ServerProcess  # noqa: E402
 
 SEQ_DIGITS = fb.SEQ_DIGITS
 WARMUP = fb.WARMUP
@@ -78,33 +68,9 @@ STREAMS_PER_CHANNEL = fb.STREAMS_PER_CHANNEL  # same connection layout for both 
 DEFAULT_MAX_PARTICIPANTS = 100  # limits.max_participants in server/threadline_server/config.py
 MAX_PARTICIPANTS = "THREADLINE_LIMITS__MAX_PARTICIPANTS"
 TIMEOUT_S = 120.0
-HELLO_WAVE = 50  # Threadline streams greeted at once
-HELLO_WAIT_S = 60.0
 
 
 # ---- the bare broadcast baseline ----------------------------------------------------------
-
-
-@contextmanager
-def bare_server() -> Iterator[tuple[int, int]]:
-    """bench/bare_fanout_server.py in its own process; yields (port, pid)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "bare_fanout_server.py"), str(port)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    if proc.stdout.readline().strip() != "ready":
-        proc.kill()
-        proc.wait()
-        raise RuntimeError("bare fan-out server did not start")
-    try:
-        yield port, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait()
-        proc.stdout.close()
 
 
 class JoinStream(EchoStream):
@@ -175,7 +141,7 @@ async def bare_phase(
 
 async def bare_run(n: int, burst: bool, args: argparse.Namespace) -> Measured:
     tail = fb.filler(args.size - SEQ_DIGITS - 1).encode()
-    with bare_server() as (port, pid):
+    with bare_server("bare_fanout_server.py") as (port, pid):
         channels = [
             grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OWN_CONNECTION)
             for _ in range(math.ceil(n / STREAMS_PER_CHANNEL))
@@ -222,93 +188,6 @@ def threadline_env(n: int) -> dict[str, str]:
     return env
 
 
-async def hello(stream: RawStream) -> None:
-    """RawStream.hello with a longer wait: 1,000 hellos on a busy 2-core box take more than its
-    fixed 5 s (token checks, first sync, the presence of everyone already online)."""
-    rid = stream.send(rt.ClientFrame(hello=rt.Hello(client_name="bench")))
-    welcome = await stream.reply_to(rid, timeout=HELLO_WAIT_S)
-    if welcome.WhichOneof("kind") != "welcome":
-        raise RuntimeError(f"hello answered {welcome}")
-    done = await stream.recv(timeout=HELLO_WAIT_S)
-    if done.WhichOneof("kind") != "sync_complete":
-        raise RuntimeError(f"expected sync_complete, got {done}")
-
-
-async def open_streams(channels: list[grpc.aio.Channel], tokens: list[str]) -> list[RawStream]:
-    """One stream per token, HELLO_WAVE at a time: a stream must send its hello within
-    realtime.hello_timeout_s (10 s) of opening, so they are opened only as they are greeted."""
-    streams: list[RawStream] = []
-    for first in range(0, len(tokens), HELLO_WAVE):
-        wave = [
-            RawStream(channels[i // STREAMS_PER_CHANNEL], tokens[i])
-            for i in range(first, min(first + HELLO_WAVE, len(tokens)))
-        ]
-        streams += wave
-        outcomes = await asyncio.gather(*(hello(s) for s in wave), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                for s in streams:
-                    s.cancel()
-                raise outcome
-    return streams
-
-
-async def threadline_drive(
-    proc: ServerProcess, n: int, burst: bool, args: argparse.Namespace
-) -> Measured:
-    """fanout_bench's `drive` (same users, thread, consumers and `phase`), except that the
-    streams are greeted in waves: its all-at-once RawStream.hello (5 s) times out at 1,000."""
-    assert proc.proc is not None
-    pid = proc.proc.pid
-    users = [f"fan{i}" for i in range(n)]
-    tokens = mint_tokens(proc, users)
-    channels = [
-        grpc.aio.insecure_channel(proc.target, options=OWN_CONNECTION)
-        for _ in range(math.ceil(n / STREAMS_PER_CHANNEL))
-    ]
-    streams: list[RawStream] = []
-    consumers: list[asyncio.Task[None]] = []
-    try:
-        created = await tsg.ThreadServiceStub(channels[0]).CreateThread(
-            ts.CreateThreadRequest(
-                thread=thread_pb2.Thread(title=f"bench {n}", participant_ids=users[1:])
-            ),
-            metadata=(("authorization", f"Bearer {tokens[users[0]]}"),),
-        )
-        thread = created.thread.id
-        streams = await open_streams(channels, [tokens[u] for u in users])
-        fan = fb.Fanout()
-        consumers = [asyncio.create_task(fb.consume(s, fan)) for s in streams]
-        text = fb.filler(args.size - SEQ_DIGITS - 1)
-        op_prefix = uuid.uuid4().hex  # operation ids stay unique in a reused PostgreSQL database
-
-        async def run(rate: float, count: int, first_seq: int) -> Measured:
-            return await fb.phase(
-                streams[0],
-                thread,
-                fan,
-                rate=rate,
-                count=count,
-                first_seq=first_seq,
-                text=text,
-                subscribers=n,
-                server_pid=pid,
-                op_prefix=op_prefix,
-            )
-
-        await run(args.rate, WARMUP, 0)
-        if burst:
-            return await run(0.0, args.burst, WARMUP)
-        return await run(args.rate, round(args.rate * args.seconds), WARMUP)
-    finally:
-        for task in consumers:
-            task.cancel()
-        for s in streams:
-            s.cancel()
-        for channel in channels:
-            await channel.close()
-
-
 async def threadline_run(
     n: int, burst: bool, args: argparse.Namespace, attempts: int = 2
 ) -> Measured:
@@ -325,7 +204,8 @@ async def threadline_run(
             startup = len(proc.output)
             drain_output(proc)
             try:
-                return await threadline_drive(proc, n, burst, args)
+                case = fb.Case(str(n), f"{n} subscribers", n, burst, args.size)
+                return await fb.drive(proc, case, args)
             except (grpc.aio.AioRpcError, RuntimeError, EOFError, TimeoutError) as exc:
                 if attempt == attempts:
                     raise

@@ -419,7 +419,7 @@ class ThreadlineServer:
             ("grpc.max_concurrent_streams", s.max_concurrent_streams),
             # Calls that arrived but that the application has not taken up yet: beyond gRPC's
             # defaults (1,000, refused at random up to 3,000, all beyond) a reconnect storm after
-            # a restart had most of 10,000 returning clients refused with CANCELLED before any
+            # a restart had about half of 10,000 clients refused with CANCELLED before any
             # of our code ran. Refusal starts at random from half the limit, as gRPC does.
             ("grpc.server.max_pending_requests", max(1, s.max_pending_calls // 2)),
             ("grpc.server.max_pending_requests_hard_limit", s.max_pending_calls),

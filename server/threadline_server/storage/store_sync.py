@@ -39,10 +39,8 @@ class SyncStore(MessageStore):
     async def replay(
         self, user_id: str, after: int, upto: int, limit: int, max_bytes: int
     ) -> tuple[list[Event], int | None]:
-        async with self._db.read() as conn:
-            return await replay(
-                conn, user_id, after, upto, limit, self.caches.messages, max_bytes=max_bytes
-            )
+        page = ReplayPage(user_id, after, upto, limit, max_bytes)
+        return (await self.replay_many([page]))[page]
 
     async def replay_many(
         self, pages: Sequence[ReplayPage]
