@@ -79,6 +79,10 @@ _LOST = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
+    # A connection the server terminated while it was idle can be left by asyncpg in a state
+    # where the next query fails with "cannot switch to state 15; another operation (2) is in
+    # progress" (seen once in CI after pg_terminate_backend): as unusable as a lost one.
+    asyncpg.InternalClientError,
     OSError,
 )
 _TIMEOUT = (TimeoutError, asyncpg.QueryCanceledError)
