@@ -60,6 +60,7 @@ from bench._common import (  # noqa: E402
     pace,
     pct,
 )
+from bench.pingpong_bench import _start_profile, _stop_profile  # noqa: E402
 from tests.support.process import ServerProcess  # noqa: E402
 
 SEQ_DIGITS = fb.SEQ_DIGITS
@@ -205,7 +206,12 @@ async def threadline_run(
             drain_output(proc)
             try:
                 case = fb.Case(str(n), f"{n} subscribers", n, burst, args.size)
-                return await fb.drive(proc, case, args)
+                out = f"{args.profile}.{label.replace(', ', '-').replace(' ', '')}"
+                spy = _start_profile(proc.proc.pid, out) if args.profile else None
+                try:
+                    return await fb.drive(proc, case, args)
+                finally:
+                    _stop_profile(spy, out)
             except (grpc.aio.AioRpcError, RuntimeError, EOFError, TimeoutError) as exc:
                 if attempt == attempts:
                     raise
@@ -297,6 +303,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--burst", type=int, default=200, help="messages pipelined in a burst run")
     p.add_argument("--size", type=int, default=200, help="message text bytes (bare: frame bytes)")
     p.add_argument("--db", default="", help="database URL (default: SQLite in a temp dir)")
+    p.add_argument(
+        "--profile",
+        default="",
+        help="py-spy summaries of each Threadline run go to PATH.<case> (setup included)",
+    )
     return p.parse_args()
 
 

@@ -94,3 +94,31 @@ def test_epoch_timestamps_equal_protobufs_own_conversion(seconds: float):
     expected = Timestamp()
     expected.FromNanoseconds(int(seconds * 1e9))
     assert codec.ts_epoch(seconds) == expected
+
+
+@pytest.mark.parametrize("sizes", [[1], [3], [1, 2, 3], [400, 1, 60]])
+def test_live_frames_from_cached_framing_match_the_normal_serialization(sizes):
+    # A live event's cached framing (a lone event's whole frame, or its batch item) must give
+    # the very frame events_frame_bytes builds, for the author's copy and everyone else's.
+    events = [_event(i, "op-1") for i in sizes]
+    for author in (False, True):
+        live = [codec.encode_event_pair(e)[author] for e in events]
+        assert codec.live_frame_bytes(live) == codec.events_frame_bytes(live)
+        decoded = rs.ConnectResponse.FromString(codec.live_frame_bytes(live))
+        assert list(decoded.frame.events.events) == [codec.event(e, author) for e in events]
+
+
+def test_a_live_frame_may_mix_events_with_and_without_cached_framing():
+    cached = codec.encode_event_pair(_event(2))[0]
+    bare = codec.EventBytes(codec.event(_event(5), False).SerializeToString())
+    assert codec.live_frame_bytes([bare]) == codec.events_frame_bytes([bare])
+    assert codec.live_frame_bytes([cached, bare]) == codec.events_frame_bytes([cached, bare])
+
+
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 16_383, 16_384, 2**21, 2**35 + 7])
+def test_varints_match_protobufs_encoding(value):
+    # Length prefixes in every size class the fast paths split on; protobuf's own encoder says
+    # what the bytes must be.
+    from google.protobuf.internal import encoder
+
+    assert codec._varint(value) == encoder._VarintBytes(value)

@@ -199,13 +199,29 @@ def encode_event_pair(e: models.Event) -> tuple[EventBytes, EventBytes]:
     author's copy is the same bytes with the client_op_id field appended (a protobuf parser
     takes fields in any order), so a send's event is built and encoded once, not twice."""
     raw = event(e, False).SerializeToString()
-    plain = EventBytes(raw)
-    plain.change_seq = e.change_seq
+    plain = _live(raw, e.change_seq)
     if not e.client_op_id:
         return plain, plain
-    authored = EventBytes(raw + _field(_EVENT_CLIENT_OP_ID, e.client_op_id.encode()))
-    authored.change_seq = e.change_seq
+    authored = _live(raw + _field(_EVENT_CLIENT_OP_ID, e.client_op_id.encode()), e.change_seq)
     return plain, authored
+
+
+def _live(raw: bytes, change_seq: int) -> EventBytes:
+    """An event with its framing done once for all its recipients: the repeated-field item a
+    batch is joined from, and the whole frame of a batch of just this event (most live frames:
+    with one event per frame, a subscriber's write is then these bytes, no per-recipient work)."""
+    out = EventBytes(raw)
+    out.change_seq = change_seq
+    out.item = _field(1, raw)
+    out.alone = _field(1, _field(4, out.item))
+    return out
+
+
+def live_frame_bytes(events: Sequence[EventBytes]) -> bytes:
+    """`events_frame_bytes` for live events from `encode_event_pair` (their framing is cached)."""
+    if len(events) == 1 and events[0].alone:
+        return events[0].alone
+    return _field(1, _field(4, b"".join(e.item or _field(1, e) for e in events)))
 
 
 # --- frames from pre-encoded parts ---------------------------------------------------------
@@ -215,9 +231,16 @@ def encode_event_pair(e: models.Event) -> tuple[EventBytes, EventBytes]:
 # field 1, so one byte string serves both RPCs.
 
 _LEN = 2  # wire type: length-delimited
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
 
 
 def _varint(value: int) -> bytes:
+    # Tags and most lengths fit one or two bytes: those skip the loop (it was 6% of a busy
+    # fan-out's CPU, building every batched frame).
+    if value < 0x80:
+        return _ONE_BYTE[value]
+    if value < 0x4000:
+        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while True:
         bits = value & 0x7F

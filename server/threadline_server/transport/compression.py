@@ -4,8 +4,6 @@ message costs CPU and saves nothing (often it grows)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
@@ -19,16 +17,3 @@ def send_plain_if_small(
     """Call right before the message of `size` bytes is sent."""
     if size < threshold:
         context.disable_next_message_compression()
-
-
-async def write_all(
-    context: grpc.aio.ServicerContext[Any, Any],
-    frames: AsyncGenerator[bytes, None],
-    threshold: int,
-) -> None:
-    """Writes a stream of pre-encoded frames, each compressed only from the threshold up, and
-    closes `frames` however the writing ends, so that its clean-up runs at once."""
-    async with contextlib.aclosing(frames):
-        async for item in frames:
-            send_plain_if_small(context, len(item), threshold)
-            await context.write(item)

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -119,7 +119,9 @@ class RealtimeServicer:
         except Exception as exc:  # the boundary
             await abort(context, exc)
             return
-        await self._send(context, self._serve(context, principal, first, request_iterator))
+        await self._send(
+            context, lambda out: self._serve(context, out, principal, first, request_iterator)
+        )
 
     async def Subscribe(self, request: rs.SubscribeRequest, context: Ctx) -> None:
         bind_request(context, "Subscribe")
@@ -131,7 +133,7 @@ class RealtimeServicer:
             await abort(context, exc)
             return
         first = rt.ClientFrame(hello=request.hello)
-        await self._send(context, self._serve(context, principal, first, None))
+        await self._send(context, lambda out: self._serve(context, out, principal, first, None))
 
     async def Submit(self, request: rs.SubmitRequest, context: Ctx) -> rs.SubmitResponse:
         """One frame of a session, as if read from its Connect stream: the same dispatcher and
@@ -192,14 +194,13 @@ class RealtimeServicer:
 
     # ---- the shared session machinery ---------------------------------------------------
 
-    async def _send(self, context: Ctx, frames: AsyncGenerator[bytes, None]) -> None:
-        """Writes the stream's frames (gzip, when the client accepts it, from the threshold up:
-        replay pages, long texts, busy batches). The handler writes them itself rather than
-        yielding them to grpc, so that a write failing because the client hung up is seen
-        here: a normal end, handled quietly, with the session cleaned up at once."""
-        threshold = self.settings.limits.compression_threshold_bytes
+    async def _send(self, context: Ctx, serve: Callable[[Writer], Awaitable[None]]) -> None:
+        """Runs `serve`, which writes the stream's frames itself (gzip, when the client accepts
+        it, from the threshold up: replay pages, long texts, busy batches), so that a write
+        failing because the client hung up is seen there: a normal end, handled quietly, with
+        the session cleaned up at once."""
         try:
-            await compression.write_all(context, frames, threshold)
+            await serve(Writer(context, self.settings.limits.compression_threshold_bytes))
         except grpc.aio.InternalError:  # a failed batch (ExecuteBatchError): the call is gone
             await hung_up(context)
 
@@ -219,10 +220,11 @@ class RealtimeServicer:
     async def _serve(
         self,
         context: Ctx,
+        out: Writer,
         principal: Principal,
         hello_frame: rt.ClientFrame,
         requests: AsyncIterator[rs.ConnectRequest] | None,
-    ) -> AsyncGenerator[bytes, None]:
+    ) -> None:
         if self.draining:
             await abort(context, Unavailable("SERVER_DRAINING", "server is shutting down"))
             return
@@ -256,22 +258,27 @@ class RealtimeServicer:
             epoch, cursor, pruned = await self._resume_point(None)
             session.min_change_seq = cursor
             resuming = hello.HasField("sync_state")
-            yield codec.frame_bytes(self._welcome(session, epoch, hello_frame.request_id, resuming))
+            await out.write(
+                codec.frame_bytes(self._welcome(session, epoch, hello_frame.request_id, resuming))
+            )
             if resuming:
                 async for frame in self._resume(session, hello.sync_state, epoch, cursor, pruned):
-                    yield frame
+                    await out.write(frame)
             else:
-                yield codec.frame_bytes(
-                    rt.ServerFrame(sync_complete=rt.SyncComplete(change_seq=cursor, epoch=epoch))
+                await out.write(
+                    codec.frame_bytes(
+                        rt.ServerFrame(
+                            sync_complete=rt.SyncComplete(change_seq=cursor, epoch=epoch)
+                        )
+                    )
                 )
             online = await self.presence.snapshot(session.user_id)
             presence = [_presence_event(p) for p in online]
             for group in frames.chunk(presence, frames.budget(self.settings)):
-                yield codec.events_frame_bytes(group)
+                await out.write(codec.events_frame_bytes(group))
             if requests is not None:
                 reader = asyncio.create_task(self._read(session, requests))
-            async for item in self._write(session):
-                yield item
+            await self._write(session, out)
             closing = session.closing
             if closing is not None and closing.error is not None:
                 metrics = self.dispatcher.metrics
@@ -447,9 +454,11 @@ class RealtimeServicer:
         elif reply is not None:
             session.send(codec.frame_bytes(reply))
 
-    async def _write(self, session: StreamSession) -> AsyncIterator[bytes]:
-        """Drains the session queue, batching consecutive events into one frame. Idle time and
-        token expiry are watched from here on by `watch_forever`."""
+    async def _write(self, session: StreamSession, out: Writer) -> None:
+        """Drains the session queue, batching consecutive events into one frame, until the
+        session closes. Idle time and token expiry are watched from here on by `watch_forever`.
+        The hot loop of every delivery: it writes directly (no generator between it and grpc),
+        and a lone event's frame is the one its broker built once for every recipient."""
         rts = self.settings.realtime
         room = frames.budget(self.settings)  # one event always fits (frames.check_limits)
         session.watched = True
@@ -461,7 +470,7 @@ class RealtimeServicer:
                 item = await session.next()
             if isinstance(item, Close):
                 if item.final_frame is not None:
-                    yield item.final_frame
+                    await out.write(item.final_frame)
                 return
             if isinstance(item, EventBytes):
                 batch = [] if session.stale(item) else [item]
@@ -475,9 +484,9 @@ class RealtimeServicer:
                         batch.append(nxt)
                         size += frames.item_size(len(nxt))
                 if batch:
-                    yield codec.events_frame_bytes(batch)
+                    await out.write(codec.live_frame_bytes(batch))
                 continue
-            yield item
+            await out.write(item)
 
     async def watch_forever(self, every_s: float = 1.0) -> None:
         """One task checks every live stream each second, rather than a timer per stream: an
@@ -549,6 +558,20 @@ def _replaced_frame() -> bytes:
 def _passthrough(message: Any) -> bytes:
     """Frames arrive pre-encoded (events are serialized once for all recipients)."""
     return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class Writer:
+    """Writes one stream's pre-encoded frames, each compressed only from the threshold up."""
+
+    __slots__ = ("_context", "_threshold")
+
+    def __init__(self, context: Ctx, threshold: int) -> None:
+        self._context = context
+        self._threshold = threshold
+
+    async def write(self, frame: bytes) -> None:
+        compression.send_plain_if_small(self._context, len(frame), self._threshold)
+        await self._context.write(frame)
 
 
 def add_realtime_servicer(server: grpc.aio.Server, servicer: RealtimeServicer) -> None:
