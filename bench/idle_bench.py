@@ -207,11 +207,12 @@ async def main() -> None:
     for n in (int(x) for x in args.streams.split(",")):
         echo = await echo_idle(n, args.seconds)
         ours = await threadline_idle(n, args.seconds, args.db)
-        cpu_ratio = ours.cpu_pct / echo.cpu_pct if echo.cpu_pct > 0 else float("inf")
+        # No CPU measured on the echo side (a quiet window) leaves no ratio to state.
+        cpu_ratio = f"{ours.cpu_pct / echo.cpu_pct:.1f}" if echo.cpu_pct > 0 else "-"
         e_rss, o_rss = echo.rss_per_stream_kib, ours.rss_per_stream_kib
         rss_ratio = o_rss / e_rss if e_rss > 0 else float("inf")
         print(
-            f"| {n:,} | {echo.cpu_pct:.1f}% | {ours.cpu_pct:.1f}% | {cpu_ratio:.1f} "
+            f"| {n:,} | {echo.cpu_pct:.1f}% | {ours.cpu_pct:.1f}% | {cpu_ratio} "
             f"| {e_rss:.1f} | {o_rss:.1f} | {rss_ratio:.2f} "
             f"| {mib(echo.rss_before_kib)} → {mib(echo.rss_after_kib)} / "
             f"{mib(ours.rss_before_kib)} → {mib(ours.rss_after_kib)} "

@@ -12,7 +12,7 @@ from threadline_server.realtime.session import Close, EventBytes, StreamSession
 
 def _session(max_frames: int = 4) -> StreamSession:
     session = StreamSession(Principal("u1", "iss", "s1", 0.0), max_frames=max_frames)
-    session.overflow = (RateLimited(0.0, "slow"), b"overflow")
+    session.overflow = lambda: (RateLimited(0.0, "slow"), b"overflow")
     return session
 
 

@@ -51,6 +51,27 @@ class StreamSession:
     client resumes from its cursor; nothing is lost silently.
     """
 
+    # A node holds one per open stream: slots keep each a few hundred bytes smaller.
+    __slots__ = (
+        "_clock",
+        "_max_frames",
+        "_pings",
+        "_queue",
+        "_submits",
+        "_waiter",
+        "closing",
+        "info",
+        "last_activity",
+        "min_change_seq",
+        "opened_at",
+        "opened_at_wall",
+        "overflow",
+        "principal",
+        "session_id",
+        "user_id",
+        "watched",
+    )
+
     def __init__(
         self,
         principal: Principal,
@@ -72,26 +93,36 @@ class StreamSession:
         self.min_change_seq = min_change_seq
         # One consumer (the stream's writer) and no bound of its own (deliver enforces
         # max_frames): a deque and one wake-up future do what asyncio.Queue did, for a
-        # fraction of its per-item cost, which every delivery pays.
-        self._queue: deque[bytes | Close] = deque()
+        # fraction of its per-item cost, which every delivery pays. Made at the first frame
+        # and dropped once drained: an empty deque holds a 64-slot block (about 0.7 KiB), and
+        # most of a node's streams are idle most of the time.
+        self._queue: deque[bytes | Close] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._max_frames = max_frames
         self.closing: Close | None = None
-        self.overflow: tuple[DomainError, bytes] | None = None
+        # Makes the error and last frame of an overflow (set by the transport before subscribing).
+        self.overflow: Callable[[], tuple[DomainError, bytes]] | None = None
         # Set once catch-up is done and live writing starts: only then do the idle and token
         # checks apply (a long replay reads nothing from the client).
         self.watched = False
         self._pings: TokenBucket | None = None  # made by the first Ping (see ping_allowed)
-        self.submits = ArrivalOrder()  # frames of this session arriving by Submit
+        self._submits: ArrivalOrder | None = None  # made by the first Submit (see submits)
+
+    @property
+    def submits(self) -> ArrivalOrder:
+        """Frames of this session arriving by Submit (most streams never see one)."""
+        if self._submits is None:
+            self._submits = ArrivalOrder()
+        return self._submits
 
     def deliver(self, frame: EventBytes) -> None:
         """Called by the broker; never blocks the publisher."""
         if self.closing is not None:
             return
-        if len(self._queue) >= self._max_frames:
+        if self._queue is not None and len(self._queue) >= self._max_frames:
             assert self.overflow is not None, "overflow frame must be set before subscribing"
-            error, final = self.overflow
-            self._queue.clear()
+            error, final = self.overflow()
+            self._queue = None
             self.close(error, final)
             return
         self._put(frame)
@@ -118,7 +149,7 @@ class StreamSession:
         return max(self.opened_at_wall, time.time() - self.idle_for())
 
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._queue) if self._queue is not None else 0
 
     def refresh(self, principal: Principal) -> None:
         self.principal = principal
@@ -136,6 +167,8 @@ class StreamSession:
         return self._pings.take(now) == 0.0
 
     def _put(self, item: bytes | Close) -> None:
+        if self._queue is None:
+            self._queue = deque()
         self._queue.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -149,14 +182,20 @@ class StreamSession:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._queue.popleft()
+        return self._take(self._queue)
 
     def stale(self, frame: bytes) -> bool:
         """An event already covered by the snapshot or replay this stream started from."""
         return isinstance(frame, EventBytes) and 0 < frame.change_seq <= self.min_change_seq
 
     def next_nowait(self) -> bytes | Close | None:
-        return self._queue.popleft() if self._queue else None
+        return self._take(self._queue) if self._queue else None
+
+    def _take(self, queue: deque[bytes | Close]) -> bytes | Close:
+        item = queue.popleft()
+        if not queue:
+            self._queue = None
+        return item
 
 
 class ArrivalOrder:

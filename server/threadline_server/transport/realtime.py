@@ -240,14 +240,7 @@ class RealtimeServicer:
             principal, max_frames=rts.queue_max_frames, info=info, clock=self.clock
         )
         bind_log_context(session=session.session_id)
-        session.overflow = (
-            _SlowConsumer(),
-            codec.frame_bytes(
-                rt.ServerFrame(
-                    resync_required=rt.ResyncRequired(reason=rt.RESYNC_REASON_SLOW_CONSUMER)
-                )
-            ),
-        )
+        session.overflow = _slow_consumer
         # Subscribe before reading the cursor: an event committed meanwhile is either at or below
         # the cursor (and dropped as stale) or above it (and delivered): no gap, no duplicate.
         self.broker.subscribe(session, _replaced_frame)
@@ -544,6 +537,16 @@ def _presence_event(state: PresenceState) -> EventBytes:
         event = Event(0, EventKind.PRESENCE, "", 0, 0, state.user_id, datetime.now(UTC), state)
         cached = _PRESENCE_SNAPSHOTS[state] = codec.encode_event(event, False)
     return cached
+
+
+_SLOW_CONSUMER_FRAME = codec.frame_bytes(
+    rt.ServerFrame(resync_required=rt.ResyncRequired(reason=rt.RESYNC_REASON_SLOW_CONSUMER))
+)
+
+
+def _slow_consumer() -> tuple[_SlowConsumer, bytes]:
+    """A stream's overflow: made when one happens, so that idle streams hold nothing for it."""
+    return _SlowConsumer(), _SLOW_CONSUMER_FRAME
 
 
 def _never(_key: None) -> tuple[str, int, int]:
