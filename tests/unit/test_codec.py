@@ -103,16 +103,19 @@ def test_live_frames_from_cached_framing_match_the_normal_serialization(sizes):
     events = [_event(i, "op-1") for i in sizes]
     for author in (False, True):
         live = [codec.encode_event_pair(e)[author] for e in events]
-        assert codec.live_frame_bytes(live) == codec.events_frame_bytes(live)
-        decoded = rs.ConnectResponse.FromString(codec.live_frame_bytes(live))
+        plain = [codec.EventBytes(bytes(e)) for e in live]  # no cached framing
+        assert codec.events_frame_bytes(live) == codec.events_frame_bytes(plain)
+        decoded = rs.ConnectResponse.FromString(codec.events_frame_bytes(live))
         assert list(decoded.frame.events.events) == [codec.event(e, author) for e in events]
 
 
 def test_a_live_frame_may_mix_events_with_and_without_cached_framing():
     cached = codec.encode_event_pair(_event(2))[0]
     bare = codec.EventBytes(codec.event(_event(5), False).SerializeToString())
-    assert codec.live_frame_bytes([bare]) == codec.events_frame_bytes([bare])
-    assert codec.live_frame_bytes([cached, bare]) == codec.events_frame_bytes([cached, bare])
+    plain = codec.EventBytes(bytes(cached))
+    assert codec.events_frame_bytes([cached, bare]) == codec.events_frame_bytes([plain, bare])
+    replay = rs.ConnectResponse.FromString(codec.events_frame_bytes([cached], replay=True))
+    assert replay.frame.events.replay and len(replay.frame.events.events) == 1
 
 
 @pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 16_383, 16_384, 2**21, 2**35 + 7])

@@ -217,13 +217,6 @@ def _live(raw: bytes, change_seq: int) -> EventBytes:
     return out
 
 
-def live_frame_bytes(events: Sequence[EventBytes]) -> bytes:
-    """`events_frame_bytes` for live events from `encode_event_pair` (their framing is cached)."""
-    if len(events) == 1 and events[0].alone:
-        return events[0].alone
-    return _field(1, _field(4, b"".join(e.item or _field(1, e) for e in events)))
-
-
 # --- frames from pre-encoded parts ---------------------------------------------------------
 # Protobuf's wire format lets a message field be written as tag + length + bytes, and repeated
 # fields concatenate. So a frame of N events is assembled from their cached bytes without
@@ -262,10 +255,18 @@ def frame_bytes(frame: realtime_pb2.ServerFrame) -> bytes:
 
 
 def events_frame_bytes(events: Sequence[bytes], *, replay: bool = False) -> bytes:
-    batch = b"".join(_field(1, e) for e in events)
+    """One frame of events; an event from `encode_event_pair` brings its framing (see `_live`)."""
+    first = events[0] if len(events) == 1 else None
+    if not replay and isinstance(first, EventBytes) and first.alone:
+        return first.alone
+    batch = b"".join(_item(e) for e in events)
     if replay:
         batch += b"\x10\x01"  # EventBatch.replay = true
     return _field(1, _field(4, batch))
+
+
+def _item(e: bytes) -> bytes:
+    return e.item if isinstance(e, EventBytes) and e.item else _field(1, e)
 
 
 def decode_connect(data: bytes) -> realtime_service_pb2.ConnectResponse:

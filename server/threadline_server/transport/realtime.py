@@ -477,7 +477,7 @@ class RealtimeServicer:
                         batch.append(nxt)
                         size += frames.item_size(len(nxt))
                 if batch:
-                    await out.write(codec.live_frame_bytes(batch))
+                    await out.write(codec.events_frame_bytes(batch))
                 continue
             await out.write(item)
 
