@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -95,6 +96,8 @@ async def threadline(
                 await alice.hello()
                 await bob.hello()
 
+                run = uuid.uuid4().hex[:8]  # op ids of their own: a database may be reused
+
                 async def one(op: str) -> float:
                     # client_op_id is on the author's own events only: match bob's by text.
                     body = op.ljust(PAYLOAD, "x")
@@ -114,12 +117,12 @@ async def threadline(
                             return time.perf_counter() - sent
 
                 for i in range(WARMUP):
-                    await one(f"w{i}")
+                    await one(f"{run}-w{i}")
                 spy = _start_profile(proc.proc.pid, profile)
                 clock = CpuClock.start(proc.proc.pid)
                 start = time.perf_counter()
                 for i in range(count):
-                    m.deliver.append(await one(f"m{i}"))
+                    m.deliver.append(await one(f"{run}-m{i}"))
                 m.acked_s = m.delivered_s = time.perf_counter() - start
                 clock.stop(m)
                 _stop_profile(spy, profile)

@@ -77,6 +77,7 @@ async def test_hot_path_decides_and_writes_as_the_engine_path(server, channel, t
     outcomes: dict[str, list[tuple[object, ...]]] = {}
     for name in ("hot", "engine"):
         thread = await create_thread(channel, token("alice"), "bob")
+        second = await create_thread(channel, token("bob"), "alice")
         p = f"{name}-"
         first = [item("alice", f"{p}earlier", thread, f"{p}earlier")]
         batch = [
@@ -88,6 +89,9 @@ async def test_hot_path_decides_and_writes_as_the_engine_path(server, channel, t
             item("alice", f"{p}earlier", thread, f"{p}earlier"),  # a replay of a commit
             item("alice", f"{p}earlier", thread, f"{p}changed"),  # a reused committed key
             item("bob", f"{p}b2", thread, f"{p}three"),
+            item("bob", f"{p}b3", second, f"{p}elsewhere"),  # a second thread, its own seqs
+            item("alice", f"{p}a2", second, f"{p}there"),
+            item("alice", f"{p}a3", thread, f"{p}four"),
         ]
         if name == "hot":
             await store.send_messages(first)
@@ -96,7 +100,7 @@ async def test_hot_path_decides_and_writes_as_the_engine_path(server, channel, t
             await store._send_batch(first)
             got = await store._send_batch(batch)
         outcomes[name] = [shape(o, p) for o in got]
-        outcomes[f"{name} rows"] = await rows(server, thread)
+        outcomes[f"{name} rows"] = await rows(server, thread) + await rows(server, second)
     assert outcomes["hot"] == outcomes["engine"]
     assert outcomes["hot rows"] == outcomes["engine rows"]
     assert [o[0] for o in outcomes["hot"]] == [
@@ -108,8 +112,11 @@ async def test_hot_path_decides_and_writes_as_the_engine_path(server, channel, t
         "sent",
         "IdempotencyKeyReused",
         "sent",
+        "sent",
+        "sent",
+        "sent",
     ]
-    assert [o[1] for o in outcomes["hot"] if o[0] == "sent"] == [2, 3, 2, 1, 4]
+    assert [o[1] for o in outcomes["hot"] if o[0] == "sent"] == [2, 3, 2, 1, 4, 1, 2, 5]
 
 
 async def test_hot_path_rows_read_back_exactly(channel, token):

@@ -149,17 +149,22 @@ def allocate(plan: BatchPlan, last_seqs: Mapping[str, int]) -> list[tuple[int, i
     return sorted(seq_of.items())
 
 
-def build(plan: BatchPlan, seqs: list[tuple[int, int]], now: datetime) -> Written:
-    """The new messages (their change cursors come from `number`)."""
+def build(
+    plan: BatchPlan,
+    seqs: list[tuple[int, int]],
+    now: datetime,
+    ids: Sequence[str] | None = None,
+) -> Written:
+    """The new messages (their change cursors come from `number`). `ids` holds one message id
+    per item where the database was given them already (hot.postgres); else they are made here."""
     out = Written()
     for idx, seq in seqs:
         item = plan.items[idx]
+        message_id = ids[idx] if ids is not None else uuid.uuid4().hex
         out.indexes.append(idx)
         out.items.append(item)
         out.messages.append(
-            Message(
-                uuid.uuid4().hex, item.thread_id, seq, item.user_id, item.text, 1, False, now, None
-            )
+            Message(message_id, item.thread_id, seq, item.user_id, item.text, 1, False, now, None)
         )
     return out
 
