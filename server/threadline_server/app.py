@@ -30,6 +30,7 @@ from threadline.v1 import (
 from threadline_server.auth import EmbeddedIssuer, TokenVerifier
 from threadline_server.blobs import create_blob_store
 from threadline_server.blobs.local import LocalBlobStore
+from threadline_server.cluster.limits import ClusterRateLimits
 from threadline_server.config import CacheEntry, LimitsSettings, Settings
 from threadline_server.domain.batching import Coalescer
 from threadline_server.domain.limits import Budget, Rate, RateLimits
@@ -126,10 +127,7 @@ class ThreadlineServer:
         self.metrics = Metrics()
         # Every per-user budget. Built here, not in start(), so that a test can set
         # `limits.clock` to a fake one before the first call and drive refills itself.
-        self.limits = RateLimits(
-            _rates(settings.limits),
-            on_refused=lambda budget: self.metrics.rate_limited.labels(budget).inc(),
-        )
+        self.limits = self._rate_limits(settings)
         self.db = Database(
             settings.database_url,
             pool_size=settings.database.pool_size,
@@ -446,6 +444,27 @@ class ThreadlineServer:
             ]
         return options
 
+    def _rate_limits(self, settings: Settings) -> RateLimits:
+        """The per-user budgets: in this process, or shared by the cluster through Redis."""
+        rates = _rates(settings.limits)
+
+        def refused(budget: str) -> None:
+            self.metrics.rate_limited.labels(budget).inc()
+
+        cluster = settings.cluster
+        if not cluster.redis_url:
+            return RateLimits(rates, on_refused=refused)
+        return ClusterRateLimits(
+            rates,
+            redis_url=cluster.redis_url,
+            key_prefix=cluster.key_prefix,
+            timeout_s=cluster.redis_timeout_s,
+            retry_s=cluster.redis_retry_s,
+            on_refused=refused,
+            on_fallback=self.metrics.cluster_fallbacks.labels("rate_limit").inc,
+            on_redis_up=lambda up: self.metrics.redis_up.set(1 if up else 0),
+        )
+
     async def stop(self, grace: float | None = None) -> None:
         """Drain: stop accepting, tell streams to reconnect, finish in-flight writes, close."""
         grace = self.settings.server.shutdown_grace_s if grace is None else grace
@@ -472,6 +491,8 @@ class ThreadlineServer:
             await self.http.stop()
         if self.verifier is not None:
             await self.verifier.close()
+        if isinstance(self.limits, ClusterRateLimits):
+            await self.limits.close()
         await self.db.dispose()
 
     def _mint_at(self, user_id: str, ttl_s: int, now: float, claims: dict[str, Any]) -> str:

@@ -149,6 +149,34 @@ class AuthSettings(BaseModel):
     )
 
 
+class ClusterSettings(BaseModel):
+    """Several nodes sharing state through Redis. Empty `redis_url`: one node, all state in
+    process (the embedded default)."""
+
+    redis_url: str = Field(
+        "",
+        description="Redis shared by the cluster's nodes, e.g. redis://127.0.0.1:6379/0. Set, "
+        "the per-user rate budgets are global; empty, each node keeps its own.",
+    )
+    redis_timeout_s: float = Field(
+        0.25,
+        gt=0,
+        description="Longest wait for one Redis call; past it (or with Redis down) the node "
+        "decides alone, logged and counted in threadline_cluster_fallbacks.",
+    )
+    redis_retry_s: float = Field(
+        1.0,
+        gt=0,
+        description="After a failed Redis call, how long the node decides alone before trying "
+        "Redis again (so an outage costs one timeout per interval, not one per call).",
+    )
+    key_prefix: str = Field(
+        "threadline",
+        min_length=1,
+        description="Prefix of every Redis key, so clusters (or test runs) can share one Redis.",
+    )
+
+
 class RealtimeSettings(BaseModel):
     """Stream behaviour."""
 
@@ -396,6 +424,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     caches: CacheSettings = CacheSettings()
     web: WebSettings = WebSettings()
+    cluster: ClusterSettings = ClusterSettings()
     log_level: str = Field("INFO", description="Logging level.")
     log_format: Literal["text", "json"] = Field(
         "text", description="text for people, json (one object per line) for log pipelines."

@@ -51,6 +51,18 @@ class Metrics:
             ["budget"],
             registry=r,
         )
+        self.cluster_fallbacks = Counter(
+            "threadline_cluster_fallbacks",
+            "Checks of shared cluster state (Redis) answered by this node alone because Redis "
+            "was unreachable or slow, by what was checked.",
+            ["what"],
+            registry=r,
+        )
+        self.redis_up = Gauge(
+            "threadline_redis_up",
+            "1 while this node reaches the cluster's Redis (cluster.redis_url set), else 0.",
+            registry=r,
+        )
         self.edge_up = Gauge(
             "threadline_edge_up", "1 while the grpc-web edge (Envoy) is listening.", registry=r
         )

@@ -67,7 +67,8 @@ class RateLimiter:
     """`per_minute` operations per key, in bursts of up to `burst` (default: `per_minute`).
 
     Keyed by user, not by connection: a user with five streams still gets one budget, so opening
-    more connections never multiplies it. In-process: each node enforces its own budget.
+    more connections never multiplies it. In process: a cluster keeps the buckets in Redis
+    (cluster.limits) and uses these only while Redis is unreachable.
     """
 
     def __init__(
@@ -89,6 +90,22 @@ class RateLimiter:
     def lifted(self) -> bool:
         return self._rate <= 0 or self._capacity <= 0
 
+    @property
+    def capacity(self) -> float:
+        return self._capacity
+
+    @property
+    def rate(self) -> float:
+        """Tokens a second."""
+        return self._rate
+
+    def refusal(self, wait: float) -> RateLimited:
+        refused = RateLimited(
+            wait, f"rate limit exceeded: {self.name} allows {self.per_minute} per minute"
+        )
+        refused.metadata["budget"] = self.name
+        return refused
+
     def check(self, key: str) -> None:
         """Takes one token for `key`, or raises RateLimited with the wait until one is free."""
         if self.lifted:
@@ -99,11 +116,7 @@ class RateLimiter:
             bucket = self._buckets[key] = TokenBucket.full(self._capacity, self._rate, now)
         wait = bucket.take(now)
         if wait > 0:
-            refused = RateLimited(
-                wait, f"rate limit exceeded: {self.name} allows {self.per_minute} per minute"
-            )
-            refused.metadata["budget"] = self.name
-            raise refused
+            raise self.refusal(wait)
         if len(self._buckets) > _MAX_KEYS:
             self._forget_full(now)
 
@@ -140,8 +153,9 @@ class RateLimits:
         return self.clock()  # read at each check, so a clock assigned later takes effect
 
     def check(self, budget: Budget, user_id: str) -> None:
-        """Spends one token of `budget` for the user, or raises RateLimited (RetryInfo: the
-        wait until one is free). A budget without a configured rate is unlimited."""
+        """Spends one token of `budget` for the user from this node's buckets, or raises
+        RateLimited (RetryInfo: the wait until one is free). A budget without a configured rate
+        is unlimited."""
         limiter = self._limiters.get(budget)
         if limiter is None:
             return
@@ -150,3 +164,14 @@ class RateLimits:
         except RateLimited:
             self._on_refused(budget.value)
             raise
+
+    async def spend(self, budget: Budget, user_id: str) -> None:
+        """As `check`, where the budget is kept: here in process; a cluster's limits
+        (cluster.limits) keep it in Redis, shared by every node. Callers use this one."""
+        self.check(budget, user_id)
+
+    def limiter(self, budget: Budget) -> RateLimiter | None:
+        return self._limiters.get(budget)
+
+    def refused(self, budget: Budget) -> None:
+        self._on_refused(budget.value)

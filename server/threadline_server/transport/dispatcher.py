@@ -150,7 +150,7 @@ class FrameDispatcher:
             return None
         if kind == "typing":
             try:
-                self.limits.check(Budget.TYPING, principal.user_id)
+                await self.limits.spend(Budget.TYPING, principal.user_id)
             except RateLimited:
                 return None  # advisory: dropped unanswered (the refusal is counted by budget)
             members = await self.store.thread_members(frame.typing.thread_id)
@@ -164,7 +164,7 @@ class FrameDispatcher:
             if session is None:
                 raise ProtocolViolation("refresh_auth needs a session_id")
             try:
-                self.limits.check(Budget.REFRESH_AUTH, principal.user_id)
+                await self.limits.spend(Budget.REFRESH_AUTH, principal.user_id)
             except RateLimited as exc:
                 # Answered in band like a refused operation, not with a StreamError: the token
                 # the stream holds is still good, so the stream goes on and the client retries
@@ -183,7 +183,7 @@ class FrameDispatcher:
     async def _send(self, principal: Principal, frame: rt.ClientFrame) -> rt.OperationResult:
         m = frame.send_message
         try:
-            self.limits.check(Budget.MESSAGES, principal.user_id)
+            await self.limits.spend(Budget.MESSAGES, principal.user_id)
             outcome = await self.messaging.send(
                 principal.user_id,
                 client_op_id=m.client_op_id,
@@ -204,7 +204,7 @@ class FrameDispatcher:
     async def _operation(self, principal: Principal, op: rt.Operation) -> rt.OperationResult:
         user = principal.user_id
         try:
-            self.limits.check(_budget_of(op), user)
+            await self.limits.spend(_budget_of(op), user)
             resource = op.WhichOneof("resource")
             if resource == "message" and op.kind == _CREATE:
                 outcome = await self.messaging.send(

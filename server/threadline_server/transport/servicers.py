@@ -55,7 +55,7 @@ def charged(budget: Budget) -> Callable[[_Rpc], _Rpc]:
         async def spend_then_call(
             self: _Budgeted, request: Any, context: Ctx, principal: Principal
         ) -> Any:
-            self.limits.check(budget, principal.user_id)
+            await self.limits.spend(budget, principal.user_id)
             return await fn(self, request, context, principal)
 
         return cast("_Rpc", spend_then_call)

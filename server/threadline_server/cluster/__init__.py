@@ -1,0 +1,1 @@
+"""State shared by the nodes of a cluster through Redis (cluster.redis_url)."""
