@@ -30,12 +30,13 @@ from threadline.v1 import (
 from threadline_server.auth import EmbeddedIssuer, TokenVerifier
 from threadline_server.blobs import create_blob_store
 from threadline_server.blobs.local import LocalBlobStore
+from threadline_server.cluster import setup as cluster_setup
 from threadline_server.cluster.limits import ClusterRateLimits
 from threadline_server.config import CacheEntry, LimitsSettings, Settings
 from threadline_server.domain.batching import Coalescer
-from threadline_server.domain.limits import Budget, Rate, RateLimits
+from threadline_server.domain.limits import Budget, Rate
 from threadline_server.domain.messages import GroupCommitter, Messaging
-from threadline_server.domain.models import Event
+from threadline_server.domain.models import Event, TypingState
 from threadline_server.domain.threads import Threads
 from threadline_server.domain.uploads import BlobStore, SweepResult, Uploads
 from threadline_server.edge.envoy_config import (
@@ -49,7 +50,7 @@ from threadline_server.issuer import embedded_issuer_url
 from threadline_server.observability import Metrics
 from threadline_server.realtime.broker import LocalBroker
 from threadline_server.realtime.presence import PresenceTracker
-from threadline_server.realtime.typing import TypingTracker
+from threadline_server.realtime.typing import TypingTracker, typing_event
 from threadline_server.storage.cache import CachePolicy, ReadCaches
 from threadline_server.storage.db import Database, ensure_server_state, migrate
 from threadline_server.storage.store import SqlStore
@@ -65,6 +66,7 @@ from threadline_server.transport.servicers import ThreadServicer, UploadServicer
 from threadline_server.transport.webapp import WebApp
 
 logger = logging.getLogger(__name__)
+
 
 SERVICE_NAMES = (
     thread_service_pb2.DESCRIPTOR.services_by_name["ThreadService"].full_name,
@@ -127,7 +129,9 @@ class ThreadlineServer:
         self.metrics = Metrics()
         # Every per-user budget. Built here, not in start(), so that a test can set
         # `limits.clock` to a fake one before the first call and drive refills itself.
-        self.limits = self._rate_limits(settings)
+        self.limits = cluster_setup.rate_limits(
+            _rates(settings.limits), settings.cluster, self.metrics
+        )
         self.db = Database(
             settings.database_url,
             pool_size=settings.database.pool_size,
@@ -143,15 +147,27 @@ class ThreadlineServer:
         caches = settings.caches
         self.store = SqlStore(
             self.db,
-            self._publish_committed,
+            self._committed,
             ReadCaches(
                 _policy(caches.messages), _policy(caches.threads), self.metrics.cache_lookup
             ),
         )
+        self.delivery = cluster_setup.delivery(
+            settings.cluster,
+            self.metrics,
+            read_after=self.store.committed_after,
+            latest=self._latest_change,
+            deliver_local=self._publish_committed,
+            deliver_remote=self._committed_elsewhere,
+            on_typing=self._typing_elsewhere,
+        )
         self.committer = GroupCommitter(
             self.store, settings.database.group_commit_max, self._observe_batch
         )
-        self.typing = TypingTracker(self.broker.publish, settings.realtime.typing_ttl_s)
+        self.typing = TypingTracker(
+            self.broker.publish if self.delivery is None else self.delivery.relay,
+            settings.realtime.typing_ttl_s,
+        )
         # Looked up for every stream that connects: coalesced, so a reconnect storm costs a few
         # batched queries rather than two per stream.
         self._peers: Coalescer[str, frozenset[str]] = Coalescer(
@@ -178,6 +194,29 @@ class ThreadlineServer:
         # What the web app's routes know of this node, filled in as the listeners come up.
         self.web = WebContext()
 
+    def _committed(self, events: list[Event]) -> None:
+        """This node's commits, in commit order; in a cluster they wait for earlier cursors."""
+        if self.delivery is not None:
+            self.delivery.committed(events)
+        else:
+            self._publish_committed(events)
+
+    def _committed_elsewhere(self, events: list[Event]) -> None:
+        """Another node's commits, read from the changes table: this node's caches learn of
+        them first, as they learn of its own."""
+        self.store.caches.apply(events)
+        self._publish_committed(events)
+
+    async def _typing_elsewhere(self, state: TypingState) -> None:
+        """Someone typing on another node: shown to the thread's members as this node knows
+        them, and only while the typist is one of them."""
+        members = await self.store.thread_members(state.thread_id)
+        if state.user_id in members:
+            self.broker.publish([typing_event(state, members)])
+
+    async def _latest_change(self) -> int:
+        return (await self.store.current_change_seq())[1]
+
     def _publish_committed(self, events: list[Event]) -> None:
         """Delivers committed events; people who now share a thread learn each other's presence."""
         self.broker.publish(events)
@@ -195,6 +234,8 @@ class ThreadlineServer:
             await migrate(s.database_url)
         await self.db.check_durability()
         await ensure_server_state(self.db, uuid.uuid4().hex)
+        if self.delivery is not None:
+            await self.delivery.start()
 
         # The side HTTP port must be known before the embedded issuer URL is; signed local file
         # URLs read it when they are signed.
@@ -444,27 +485,6 @@ class ThreadlineServer:
             ]
         return options
 
-    def _rate_limits(self, settings: Settings) -> RateLimits:
-        """The per-user budgets: in this process, or shared by the cluster through Redis."""
-        rates = _rates(settings.limits)
-
-        def refused(budget: str) -> None:
-            self.metrics.rate_limited.labels(budget).inc()
-
-        cluster = settings.cluster
-        if not cluster.redis_url:
-            return RateLimits(rates, on_refused=refused)
-        return ClusterRateLimits(
-            rates,
-            redis_url=cluster.redis_url,
-            key_prefix=cluster.key_prefix,
-            timeout_s=cluster.redis_timeout_s,
-            retry_s=cluster.redis_retry_s,
-            on_refused=refused,
-            on_fallback=self.metrics.cluster_fallbacks.labels("rate_limit").inc,
-            on_redis_up=lambda up: self.metrics.redis_up.set(1 if up else 0),
-        )
-
     async def stop(self, grace: float | None = None) -> None:
         """Drain: stop accepting, tell streams to reconnect, finish in-flight writes, close."""
         grace = self.settings.server.shutdown_grace_s if grace is None else grace
@@ -487,6 +507,8 @@ class ThreadlineServer:
         await self.presence.close()
         await self._peers.close()
         await self.store.drain()
+        if self.delivery is not None:
+            await self.delivery.close()
         if self.http is not None:
             await self.http.stop()
         if self.verifier is not None:

@@ -156,7 +156,8 @@ class ClusterSettings(BaseModel):
     redis_url: str = Field(
         "",
         description="Redis shared by the cluster's nodes, e.g. redis://127.0.0.1:6379/0. Set, "
-        "the per-user rate budgets are global; empty, each node keeps its own.",
+        "every node delivers every node's commits to its streams and the per-user rate "
+        "budgets are global; empty, one node with all state in process.",
     )
     redis_timeout_s: float = Field(
         0.25,
@@ -174,6 +175,23 @@ class ClusterSettings(BaseModel):
         "threadline",
         min_length=1,
         description="Prefix of every Redis key, so clusters (or test runs) can share one Redis.",
+    )
+    node_id: str = Field(
+        "",
+        description="This node's name in the cluster (logs, doorbells); empty: host name, "
+        "process id and a random suffix.",
+    )
+    tail_interval_s: float = Field(
+        0.25,
+        gt=0,
+        description="While Redis is unreachable, how often a node reads the changes other "
+        "nodes committed (the bound on cross-node delivery latency in an outage).",
+    )
+    safety_poll_s: float = Field(
+        2.0,
+        gt=0,
+        description="While Redis is up, how often a node reads the changes table anyway, for "
+        "doorbells pub/sub dropped (at most once delivery).",
     )
 
 

@@ -58,6 +58,12 @@ class Metrics:
             ["what"],
             registry=r,
         )
+        self.cluster_tailed = Counter(
+            "threadline_cluster_tailed_events",
+            "Events other nodes committed that this node read from the changes table and "
+            "delivered to its streams.",
+            registry=r,
+        )
         self.redis_up = Gauge(
             "threadline_redis_up",
             "1 while this node reaches the cluster's Redis (cluster.redis_url set), else 0.",

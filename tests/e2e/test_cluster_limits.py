@@ -10,59 +10,17 @@ clock, so a token refills only when the test says.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 
 from tests.e2e.test_realtime_delivery import create_thread
-from tests.support.fake_clock import FakeClock
+from tests.support.cluster import SHARED_REDIS, OwnRedis, metric, nodes
 from tests.support.raw_stream import RawStream
 from tests.support.rpc import status_details
-from threadline_server.app import ThreadlineServer
-from threadline_server.config import Settings
 
-SHARED_REDIS = "redis://127.0.0.1:6379/0"
-
-
-@asynccontextmanager
-async def nodes(
-    settings_factory: Callable[..., Settings], redis_url: str, count: int = 2
-) -> AsyncIterator[tuple[list[ThreadlineServer], list[grpc.aio.Channel], FakeClock]]:
-    cluster = {
-        "redis_url": redis_url,
-        "key_prefix": f"test-{uuid.uuid4().hex}",
-        "redis_timeout_s": 0.5,
-        "redis_retry_s": 0.01,
-    }
-    clock = FakeClock()
-    apps: list[ThreadlineServer] = []
-    channels: list[grpc.aio.Channel] = []
-    try:
-        for _ in range(count):
-            app = ThreadlineServer(
-                settings_factory(limits={"operations_per_minute": 60}, cluster=cluster)
-            )
-            app.limits.clock = clock
-            endpoints = await app.start()
-            apps.append(app)
-            channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{endpoints.grpc_port}"))
-        yield apps, channels, clock
-    finally:
-        for channel in channels:
-            await channel.close()
-        for app in apps:
-            await app.stop(grace=0.5)
-
-
-def metric(app: ThreadlineServer, name: str, labels: dict[str, str] | None = None) -> float:
-    return app.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+LIMITS = {"operations_per_minute": 60}
 
 
 async def send_many(stream: RawStream, thread: str, prefix: str, count: int) -> list[Any]:
@@ -74,7 +32,7 @@ def accepted(results: list[Any]) -> int:
 
 
 async def test_one_budget_across_two_nodes(settings_factory):
-    async with nodes(settings_factory, SHARED_REDIS) as (apps, channels, clock):
+    async with nodes(settings_factory, SHARED_REDIS, limits=LIMITS) as (apps, channels, clock):
         a, b = apps
         thread = await create_thread(channels[0], a.mint("alice", 600), "bob")
         on_a = RawStream(channels[0], a.mint("alice", 600))
@@ -103,54 +61,11 @@ async def test_one_budget_across_two_nodes(settings_factory):
             stream.cancel()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class OwnRedis:
-    """A redis-server of this test's own, on a fixed port, that the test stops and restarts."""
-
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed (.ci/run installs it)")
-        self.binary = binary
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            *(self.binary, "--port", str(self.port), "--bind", "127.0.0.1"),
-            *("--save", "", "--appendonly", "no"),
-            stdout=asyncio.subprocess.DEVNULL,
-        )
-        client = aioredis.Redis.from_url(self.url)
-        try:
-            for _ in range(200):
-                try:
-                    await client.ping()
-                    return
-                except (aioredis.ConnectionError, OSError):
-                    await asyncio.sleep(0.05)
-            pytest.fail("redis-server did not start")
-        finally:
-            await client.aclose()
-
-    async def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            await self.proc.wait()
-            self.proc = None
-
-
 async def test_nodes_fall_back_to_their_own_budgets_while_redis_is_down(settings_factory):
     server = OwnRedis()
     await server.start()
     try:
-        async with nodes(settings_factory, server.url) as (apps, channels, _clock):
+        async with nodes(settings_factory, server.url, limits=LIMITS) as (apps, channels, _clock):
             a, b = apps
             thread = await create_thread(channels[0], a.mint("alice", 600), "bob")
             on_a = RawStream(channels[0], a.mint("alice", 600))

@@ -46,7 +46,19 @@ class TypingTracker:
     def _emit(self, thread_id: str, user_id: str, active: bool, recipients: frozenset[str]) -> None:
         expires = time.time() + (self._ttl if active else 0)
         state = TypingState(thread_id, user_id, active, expires)
-        event = Event(
-            0, EventKind.TYPING, thread_id, 0, 0, user_id, datetime.now(UTC), state, recipients
-        )
-        self._publish([event])
+        self._publish([typing_event(state, recipients)])
+
+
+def typing_event(state: TypingState, recipients: frozenset[str]) -> Event:
+    """The ephemeral event of a typing signal (no cursor: it is never stored or replayed)."""
+    return Event(
+        0,
+        EventKind.TYPING,
+        state.thread_id,
+        0,
+        0,
+        state.user_id,
+        datetime.now(UTC),
+        state,
+        recipients,
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -192,6 +192,33 @@ async def replay(
         estimate += _EVENT_OVERHEAD + int(r.text_bytes)
     if not page:
         return [], None
+    me = frozenset([user_id])
+    return await events_of(
+        conn,
+        page,
+        recipients=lambda _r: me,
+        reader=lambda _r: user_id,
+        own_op_ids_only=user_id,
+        cache=cache,
+        max_bytes=max_bytes,
+    )
+
+
+async def events_of(
+    conn: AsyncConnection,
+    page: Sequence[Row[Any]],
+    *,
+    recipients: Callable[[Row[Any]], frozenset[str]],
+    reader: Callable[[Row[Any]], str],
+    own_op_ids_only: str = "",
+    cache: MessageCache | None = None,
+    max_bytes: int = 0,
+) -> tuple[list[Event], int | None]:
+    """The events of these change rows (oldest first), each with its payload as it was then:
+    for one user's replay, or for the cluster's feed (cluster.delivery), which addresses each to
+    its thread's members. Rows whose resource is gone (a deleted thread) are skipped. Also
+    returns the last cursor scanned: with `max_bytes`, loading stops once the payloads reach
+    about that many bytes (at least one change is always taken)."""
     found_messages = await messages_at(
         conn, [(r.resource_id, r.version) for r in page if r.kind in _MESSAGE_KINDS], cache
     )
@@ -217,8 +244,12 @@ async def replay(
             if payload is None:
                 continue
         elif r.kind == EventKind.READ_MARKER_UPDATED.value:
-            unread = await _unread_between(conn, user_id, r.thread_id, r.version, r.thread_seq)
-            payload = ReadMarker(r.thread_id, user_id, r.version, unread)
+            who = reader(r)
+            unread = await _unread_between(conn, who, r.thread_id, r.version, r.thread_seq)
+            payload = ReadMarker(r.thread_id, who, r.version, unread)
+        op_id = r.client_op_id or ""
+        if own_op_ids_only and r.actor_id != own_op_ids_only:
+            op_id = ""
         events.append(
             Event(
                 change_seq=r.change_seq,
@@ -229,8 +260,9 @@ async def replay(
                 actor_id=r.actor_id,
                 created_at=created,
                 payload=payload,
-                recipients=frozenset([user_id]),
-                client_op_id=r.client_op_id if r.actor_id == user_id else "",
+                recipients=recipients(r),
+                client_op_id=op_id,
+                personal=r.user_id is not None,
             )
         )
         loaded += approx_bytes(payload)

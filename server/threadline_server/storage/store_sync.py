@@ -8,10 +8,10 @@ from sqlalchemy import select, text
 
 from threadline_server.domain.models import Event, Message, Thread
 from threadline_server.domain.ports import IndexStat, ReplayPage, StoredOp
-from threadline_server.storage.history import prune, replay, stored_ops
+from threadline_server.storage.history import events_of, prune, replay, stored_ops
 from threadline_server.storage.store_base import _now, runs_to_completion
 from threadline_server.storage.store_messages import MessageStore
-from threadline_server.storage.tables import server_state, thread_members
+from threadline_server.storage.tables import changes, server_state, thread_members
 from threadline_server.storage.versions import messages_at, threads_at
 
 _IN_CHUNK = 500  # ids per IN list: well under every driver's parameter limit
@@ -101,6 +101,43 @@ class SyncStore(MessageStore):
     async def prune(self, retention_s: int, idempotency_window_s: int) -> tuple[int, int]:
         async with self._db.write() as tx:
             return await prune(tx.conn, _now(), retention_s, idempotency_window_s)
+
+    async def committed_after(
+        self, after: int, upto: int, limit: int, max_bytes: int
+    ) -> tuple[list[Event], int | None]:
+        """Every committed change in (after, upto], oldest first, as events addressed as they
+        would be live: a user's own change (a read marker, being added or removed) to that
+        user, the others to the thread's members now. The cluster's nodes read what other nodes
+        committed this way (cluster.delivery). Also returns the last cursor scanned."""
+        async with self._db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(changes)
+                    .where(changes.c.change_seq > after, changes.c.change_seq <= upto)
+                    .order_by(changes.c.change_seq)
+                    .limit(limit)
+                )
+            ).all()
+            if not rows:
+                return [], None
+            shared = sorted({r.thread_id for r in rows if r.user_id is None})
+            members: dict[str, set[str]] = {tid: set() for tid in shared}
+            for chunk in _chunked(shared):
+                for tid, uid in await conn.execute(
+                    select(thread_members.c.thread_id, thread_members.c.user_id).where(
+                        thread_members.c.thread_id.in_(chunk)
+                    )
+                ):
+                    members[tid].add(uid)
+            frozen = {tid: frozenset(m) for tid, m in members.items()}
+            return await events_of(
+                conn,
+                rows,
+                recipients=lambda r: frozenset([r.user_id]) if r.user_id else frozen[r.thread_id],
+                reader=lambda r: str(r.user_id),
+                cache=self.caches.messages,
+                max_bytes=max_bytes,
+            )
 
     async def current_change_seq(self) -> tuple[str, int]:
         async with self._db.read() as conn:

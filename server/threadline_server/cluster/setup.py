@@ -1,0 +1,84 @@
+"""Builds a node's cluster parts from its settings: nothing (one node, all in process) without
+`cluster.redis_url`, else the Redis-backed rate budgets and the delivery of other nodes'
+commits. Kept apart from app.py, which only hands over the store's functions."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+
+from threadline_server.cluster.delivery import ClusterDelivery, Deliver, OnTyping
+from threadline_server.cluster.limits import ClusterRateLimits
+from threadline_server.config import ClusterSettings
+from threadline_server.domain.limits import Budget, Rate, RateLimits
+from threadline_server.domain.models import Event
+from threadline_server.observability import Metrics
+
+# Another node's commits are read from the changes table a page at a time.
+FEED_PAGE = 200
+FEED_PAGE_BYTES = 4 * 1024 * 1024
+
+ReadAfter = Callable[[int, int, int, int], Awaitable[tuple[list[Event], int | None]]]
+
+
+def node_id(cluster: ClusterSettings) -> str:
+    return cluster.node_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def rate_limits(
+    rates: Mapping[Budget, Rate], cluster: ClusterSettings, metrics: Metrics
+) -> RateLimits:
+    """The per-user budgets: in this process, or shared by the cluster through Redis."""
+
+    def refused(budget: str) -> None:
+        metrics.rate_limited.labels(budget).inc()
+
+    if not cluster.redis_url:
+        return RateLimits(rates, on_refused=refused)
+    return ClusterRateLimits(
+        rates,
+        redis_url=cluster.redis_url,
+        key_prefix=cluster.key_prefix,
+        timeout_s=cluster.redis_timeout_s,
+        retry_s=cluster.redis_retry_s,
+        on_refused=refused,
+        on_fallback=metrics.cluster_fallbacks.labels("rate_limit").inc,
+        on_redis_up=lambda up: metrics.redis_up.set(1 if up else 0),
+    )
+
+
+def delivery(
+    cluster: ClusterSettings,
+    metrics: Metrics,
+    *,
+    read_after: ReadAfter,
+    latest: Callable[[], Awaitable[int]],
+    deliver_local: Deliver,
+    deliver_remote: Deliver,
+    on_typing: OnTyping,
+) -> ClusterDelivery | None:
+    """Delivery of every node's commits to this node's streams; None for a single node."""
+    if not cluster.redis_url:
+        return None
+
+    async def page_after(after: int, upto: int) -> tuple[list[Event], int | None]:
+        return await read_after(after, upto, FEED_PAGE, FEED_PAGE_BYTES)
+
+    return ClusterDelivery(
+        redis_url=cluster.redis_url,
+        key_prefix=cluster.key_prefix,
+        node_id=node_id(cluster),
+        timeout_s=cluster.redis_timeout_s,
+        retry_s=cluster.redis_retry_s,
+        tail_interval_s=cluster.tail_interval_s,
+        safety_poll_s=cluster.safety_poll_s,
+        read_after=page_after,
+        latest=latest,
+        deliver_local=deliver_local,
+        deliver_remote=deliver_remote,
+        on_typing=on_typing,
+        on_redis_up=lambda up: metrics.redis_up.set(1 if up else 0),
+        on_tailed=metrics.cluster_tailed.inc,
+    )
