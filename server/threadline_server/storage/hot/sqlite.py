@@ -77,6 +77,7 @@ class SqliteSendWriter:
         self._on_unknown_outcome = on_unknown_outcome
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="threadline-sqlite-writer")
         self._local = threading.local()
+        self._closed = False
 
     async def write(
         self, items: Sequence[SendItem], now: datetime
@@ -96,6 +97,9 @@ class SqliteSendWriter:
             raise failed.error from failed.__cause__
 
     async def close(self) -> None:
+        if self._closed:  # a server stopped twice closes its writer once
+            return
+        self._closed = True
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._close)
         self._executor.shutdown(wait=True)
