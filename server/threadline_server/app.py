@@ -31,12 +31,13 @@ from threadline_server.auth import EmbeddedIssuer, TokenVerifier
 from threadline_server.blobs import create_blob_store
 from threadline_server.blobs.local import LocalBlobStore
 from threadline_server.cluster import setup as cluster_setup
+from threadline_server.cluster.envelope import RemoteEvent
 from threadline_server.cluster.limits import ClusterRateLimits
 from threadline_server.config import CacheEntry, LimitsSettings, Settings
 from threadline_server.domain.batching import Coalescer
 from threadline_server.domain.limits import Budget, Rate
 from threadline_server.domain.messages import GroupCommitter, Messaging
-from threadline_server.domain.models import Event, TypingState
+from threadline_server.domain.models import Event, EventKind, TypingState
 from threadline_server.domain.threads import Threads
 from threadline_server.domain.uploads import BlobStore, SweepResult, Uploads
 from threadline_server.edge.envoy_config import (
@@ -155,10 +156,12 @@ class ThreadlineServer:
         self.delivery = cluster_setup.delivery(
             settings.cluster,
             self.metrics,
+            encode=codec.event_raw,
             read_after=self.store.committed_after,
             latest=self._latest_change,
             deliver_local=self._publish_committed,
-            deliver_remote=self._committed_elsewhere,
+            deliver_remote=self._event_elsewhere,
+            deliver_repaired=self._committed_elsewhere,
             on_typing=self._typing_elsewhere,
         )
         self.committer = GroupCommitter(
@@ -202,10 +205,22 @@ class ThreadlineServer:
             self._publish_committed(events)
 
     def _committed_elsewhere(self, events: list[Event]) -> None:
-        """Another node's commits, read from the changes table: this node's caches learn of
-        them first, as they learn of its own."""
+        """Another node's commits, read from the changes table (they did not come through
+        Redis in time): this node's caches learn of them first, as they learn of its own."""
         self.store.caches.apply(events)
         self._publish_committed(events)
+
+    async def _event_elsewhere(self, event: RemoteEvent) -> None:
+        """Another node's event, as it published it: addressed here, from this node's own view
+        of the thread's members (its caches forget what the change made stale first)."""
+        kind = EventKind(event.kind)
+        self.store.caches.forget(kind, event.thread_id)
+        if event.user_id:
+            recipients = frozenset([event.user_id])
+        else:
+            recipients = await self.store.thread_members(event.thread_id)
+        pair = codec.event_pair_from_raw(event.raw, event.change_seq, event.client_op_id)
+        self.broker.deliver_encoded(recipients, event.actor_id, pair)
 
     async def _typing_elsewhere(self, state: TypingState) -> None:
         """Someone typing on another node: shown to the thread's members as this node knows

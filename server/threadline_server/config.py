@@ -181,6 +181,12 @@ class ClusterSettings(BaseModel):
         description="This node's name in the cluster (logs, doorbells); empty: host name, "
         "process id and a random suffix.",
     )
+    gap_wait_s: float = Field(
+        0.05,
+        gt=0,
+        description="How long a node waits for a missing event (a cursor below one it has) "
+        "before reading it from the changes table: the bound on a lost one's lateness.",
+    )
     tail_interval_s: float = Field(
         0.25,
         gt=0,

@@ -58,10 +58,15 @@ class Metrics:
             ["what"],
             registry=r,
         )
-        self.cluster_tailed = Counter(
-            "threadline_cluster_tailed_events",
-            "Events other nodes committed that this node read from the changes table and "
-            "delivered to its streams.",
+        self.cluster_remote_events = Counter(
+            "threadline_cluster_remote_events",
+            "Events other nodes committed and published that this node delivered to its streams.",
+            registry=r,
+        )
+        self.cluster_repaired = Counter(
+            "threadline_cluster_repaired_events",
+            "Events this node read from the changes table because they did not arrive through "
+            "Redis in time (lost, late, or Redis down), then delivered.",
             registry=r,
         )
         self.redis_up = Gauge(

@@ -9,14 +9,21 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 
-from threadline_server.cluster.delivery import ClusterDelivery, Deliver, OnTyping
+from threadline_server.cluster.delivery import (
+    ClusterDelivery,
+    Deliver,
+    DeliverRemote,
+    Encode,
+    OnTyping,
+)
+from threadline_server.cluster.envelope import RemoteEvent
 from threadline_server.cluster.limits import ClusterRateLimits
 from threadline_server.config import ClusterSettings
 from threadline_server.domain.limits import Budget, Rate, RateLimits
 from threadline_server.domain.models import Event
 from threadline_server.observability import Metrics
 
-# Another node's commits are read from the changes table a page at a time.
+# Changes that did not arrive through Redis are read from the changes table a page at a time.
 FEED_PAGE = 200
 FEED_PAGE_BYTES = 4 * 1024 * 1024
 
@@ -53,10 +60,12 @@ def delivery(
     cluster: ClusterSettings,
     metrics: Metrics,
     *,
+    encode: Encode,
     read_after: ReadAfter,
     latest: Callable[[], Awaitable[int]],
     deliver_local: Deliver,
-    deliver_remote: Deliver,
+    deliver_remote: DeliverRemote,
+    deliver_repaired: Deliver,
     on_typing: OnTyping,
 ) -> ClusterDelivery | None:
     """Delivery of every node's commits to this node's streams; None for a single node."""
@@ -66,19 +75,26 @@ def delivery(
     async def page_after(after: int, upto: int) -> tuple[list[Event], int | None]:
         return await read_after(after, upto, FEED_PAGE, FEED_PAGE_BYTES)
 
+    async def remote(event: RemoteEvent) -> None:
+        await deliver_remote(event)
+        metrics.cluster_remote_events.inc()
+
     return ClusterDelivery(
         redis_url=cluster.redis_url,
         key_prefix=cluster.key_prefix,
         node_id=node_id(cluster),
         timeout_s=cluster.redis_timeout_s,
         retry_s=cluster.redis_retry_s,
+        gap_wait_s=cluster.gap_wait_s,
         tail_interval_s=cluster.tail_interval_s,
         safety_poll_s=cluster.safety_poll_s,
+        encode=encode,
         read_after=page_after,
         latest=latest,
         deliver_local=deliver_local,
-        deliver_remote=deliver_remote,
+        deliver_remote=remote,
+        deliver_repaired=deliver_repaired,
         on_typing=on_typing,
         on_redis_up=lambda up: metrics.redis_up.set(1 if up else 0),
-        on_tailed=metrics.cluster_tailed.inc,
+        on_repaired=metrics.cluster_repaired.inc,
     )

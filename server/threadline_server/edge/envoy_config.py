@@ -238,6 +238,10 @@ def _health_checks() -> dict[str, Any]:
             {
                 "timeout": "1s",
                 "interval": "1s",
+                # Also while no call flows and while a node is out: Envoy's defaults (60 s
+                # without traffic) would keep a node that started after the edge out a minute.
+                "no_traffic_interval": "1s",
+                "unhealthy_interval": "1s",
                 "unhealthy_threshold": 1,
                 "healthy_threshold": 1,
                 "grpc_health_check": {},

@@ -85,5 +85,22 @@ class LocalBroker:
             self._metrics.deliveries.inc(delivered)
             self._metrics.fanout_seconds.observe(time.perf_counter() - started)
 
+    def deliver_encoded(
+        self, recipients: frozenset[str], actor_id: str, pair: tuple[EventBytes, EventBytes]
+    ) -> None:
+        """An event already encoded (another node's, cluster.delivery) to these users' streams
+        here: the author's streams get the copy with its client_op_id."""
+        delivered = 0
+        for user_id in recipients:
+            sessions = self._by_user.get(user_id)
+            if not sessions:
+                continue
+            frame = pair[1] if user_id == actor_id else pair[0]
+            for session in sessions:
+                session.deliver(frame)
+            delivered += len(sessions)
+        if self._metrics is not None:
+            self._metrics.deliveries.inc(delivered)
+
     def all_sessions(self) -> list[StreamSession]:
         return list(self._by_id.values())

@@ -159,6 +159,13 @@ class ReadCaches:
         off = CachePolicy(0, 0)
         return cls(off, off)
 
+    def forget(self, kind: EventKind, thread_id: str) -> None:
+        """Another node's change, known only by its kind (cluster.delivery): a membership
+        change reloads the thread's members at the next read. Messages need nothing: the
+        message cache is keyed by version, so a newer one is never answered from it."""
+        if kind in _MEMBERSHIP_KINDS or kind == EventKind.THREAD_REMOVED:
+            self.memberships.invalidate(thread_id)
+
     def apply(self, events: Iterable[Event]) -> None:
         """Called after COMMIT, in commit order, before anyone is told of the write."""
         for event in events:

@@ -198,11 +198,22 @@ def encode_event_pair(e: models.Event) -> tuple[EventBytes, EventBytes]:
     """The event for everyone and for its author's streams, from one serialization: the
     author's copy is the same bytes with the client_op_id field appended (a protobuf parser
     takes fields in any order), so a send's event is built and encoded once, not twice."""
-    raw = event(e, False).SerializeToString()
-    plain = _live(raw, e.change_seq)
-    if not e.client_op_id:
+    return event_pair_from_raw(event_raw(e), e.change_seq, e.client_op_id)
+
+
+def event_raw(e: models.Event) -> bytes:
+    """The event as everyone but its author gets it (no client_op_id)."""
+    return event(e, False).SerializeToString()
+
+
+def event_pair_from_raw(
+    raw: bytes, change_seq: int, client_op_id: str
+) -> tuple[EventBytes, EventBytes]:
+    """As encode_event_pair, from an event another node encoded (cluster.envelope)."""
+    plain = _live(raw, change_seq)
+    if not client_op_id:
         return plain, plain
-    authored = _live(raw + _field(_EVENT_CLIENT_OP_ID, e.client_op_id.encode()), e.change_seq)
+    authored = _live(raw + _field(_EVENT_CLIENT_OP_ID, client_op_id.encode()), change_seq)
     return plain, authored
 
 
