@@ -85,6 +85,7 @@ class ClusterDelivery:
         self._events_channel = f"{key_prefix}:events"
         self._ephemeral_channel = f"{key_prefix}:ephemeral"
         self.node_id = node_id
+        self._own_prefix = node_id.encode() + b"\n"
         self._retry_s = retry_s
         self._gap_wait_s = gap_wait_s
         self._tail_interval_s = tail_interval_s
@@ -319,6 +320,8 @@ class ClusterDelivery:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
 
     def _events_from(self, data: bytes) -> None:
+        if data.startswith(self._own_prefix):
+            return  # this node's own batch, echoed by Redis: delivered here already
         try:
             node, events = unpack(data)
         except ValueError:
