@@ -31,13 +31,13 @@ from threadline_server.auth import EmbeddedIssuer, TokenVerifier
 from threadline_server.blobs import create_blob_store
 from threadline_server.blobs.local import LocalBlobStore
 from threadline_server.cluster import setup as cluster_setup
-from threadline_server.cluster.envelope import RemoteEvent
 from threadline_server.cluster.limits import ClusterRateLimits
+from threadline_server.cluster_node import ClusterNode
 from threadline_server.config import CacheEntry, LimitsSettings, Settings
 from threadline_server.domain.batching import Coalescer
 from threadline_server.domain.limits import Budget, Rate
 from threadline_server.domain.messages import GroupCommitter, Messaging
-from threadline_server.domain.models import Event, EventKind, TypingState
+from threadline_server.domain.models import Event
 from threadline_server.domain.threads import Threads
 from threadline_server.domain.uploads import BlobStore, SweepResult, Uploads
 from threadline_server.edge.envoy_config import (
@@ -51,7 +51,7 @@ from threadline_server.issuer import embedded_issuer_url
 from threadline_server.observability import Metrics
 from threadline_server.realtime.broker import LocalBroker
 from threadline_server.realtime.presence import PresenceTracker
-from threadline_server.realtime.typing import TypingTracker, typing_event
+from threadline_server.realtime.typing import TypingTracker
 from threadline_server.storage.cache import CachePolicy, ReadCaches
 from threadline_server.storage.db import Database, ensure_server_state, migrate
 from threadline_server.storage.store import SqlStore
@@ -153,22 +153,14 @@ class ThreadlineServer:
                 _policy(caches.messages), _policy(caches.threads), self.metrics.cache_lookup
             ),
         )
-        self.delivery = cluster_setup.delivery(
-            settings.cluster,
-            self.metrics,
-            encode=codec.event_raw,
-            read_after=self.store.committed_after,
-            latest=self._latest_change,
-            deliver_local=self._publish_committed,
-            deliver_remote=self._event_elsewhere,
-            deliver_repaired=self._committed_elsewhere,
-            on_typing=self._typing_elsewhere,
+        self.cluster = ClusterNode.build(
+            settings, self.metrics, self.store, self.broker, self._publish_committed
         )
         self.committer = GroupCommitter(
             self.store, settings.database.group_commit_max, self._observe_batch
         )
         self.typing = TypingTracker(
-            self.broker.publish if self.delivery is None else self.delivery.relay,
+            self.broker.publish if self.cluster is None else self.cluster.delivery.relay,
             settings.realtime.typing_ttl_s,
         )
         # Looked up for every stream that connects: coalesced, so a reconnect storm costs a few
@@ -199,38 +191,10 @@ class ThreadlineServer:
 
     def _committed(self, events: list[Event]) -> None:
         """This node's commits, in commit order; in a cluster they wait for earlier cursors."""
-        if self.delivery is not None:
-            self.delivery.committed(events)
+        if self.cluster is not None:
+            self.cluster.delivery.committed(events)
         else:
             self._publish_committed(events)
-
-    def _committed_elsewhere(self, events: list[Event]) -> None:
-        """Another node's commits, read from the changes table (they did not come through
-        Redis in time): this node's caches learn of them first, as they learn of its own."""
-        self.store.caches.apply(events)
-        self._publish_committed(events)
-
-    async def _event_elsewhere(self, event: RemoteEvent) -> None:
-        """Another node's event, as it published it: addressed here, from this node's own view
-        of the thread's members (its caches forget what the change made stale first)."""
-        kind = EventKind(event.kind)
-        self.store.caches.forget(kind, event.thread_id)
-        if event.user_id:
-            recipients = frozenset([event.user_id])
-        else:
-            recipients = await self.store.thread_members(event.thread_id)
-        pair = codec.event_pair_from_raw(event.raw, event.change_seq, event.client_op_id)
-        self.broker.deliver_encoded(recipients, event.actor_id, pair)
-
-    async def _typing_elsewhere(self, state: TypingState) -> None:
-        """Someone typing on another node: shown to the thread's members as this node knows
-        them, and only while the typist is one of them."""
-        members = await self.store.thread_members(state.thread_id)
-        if state.user_id in members:
-            self.broker.publish([typing_event(state, members)])
-
-    async def _latest_change(self) -> int:
-        return (await self.store.current_change_seq())[1]
 
     def _publish_committed(self, events: list[Event]) -> None:
         """Delivers committed events; people who now share a thread learn each other's presence."""
@@ -249,8 +213,8 @@ class ThreadlineServer:
             await migrate(s.database_url)
         await self.db.check_durability()
         await ensure_server_state(self.db, uuid.uuid4().hex)
-        if self.delivery is not None:
-            await self.delivery.start()
+        if self.cluster is not None:
+            await self.cluster.start()
 
         # The side HTTP port must be known before the embedded issuer URL is; signed local file
         # URLs read it when they are signed.
@@ -522,8 +486,8 @@ class ThreadlineServer:
         await self.presence.close()
         await self._peers.close()
         await self.store.drain()
-        if self.delivery is not None:
-            await self.delivery.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         if self.http is not None:
             await self.http.stop()
         if self.verifier is not None:

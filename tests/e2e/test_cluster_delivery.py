@@ -205,15 +205,16 @@ async def test_an_event_lost_on_the_way_is_repaired_from_the_changes_table(setti
         bob = RawStream(channels[1], b.mint("bob", 600))
         await alice.hello()
         await bob.hello()
-        assert a.delivery is not None
-        publish = a.delivery._queue
+        assert a.cluster is not None
+        delivery = a.cluster.delivery
+        publish = delivery._queue
         dropped: list[object] = []
-        a.delivery._queue = dropped.append  # type: ignore[method-assign]
+        delivery._queue = dropped.append  # type: ignore[method-assign]
         await alice.send_message(thread, "lost", "op-lost")
-        a.delivery._queue = publish  # type: ignore[method-assign]
+        delivery._queue = publish  # type: ignore[method-assign]
         await alice.send_message(thread, "after it", "op-after")
         assert await texts(bob, 2) == [(1, "lost"), (2, "after it")]  # in order, once
-        a.delivery._queue = dropped.append  # type: ignore[method-assign]
+        delivery._queue = dropped.append  # type: ignore[method-assign]
         await alice.send_message(thread, "lost last", "op-last")
         assert await texts(bob, 1) == [(3, "lost last")]
         await bob.no_event(0.3)

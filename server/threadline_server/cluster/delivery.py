@@ -264,12 +264,13 @@ class ClusterDelivery:
                         async with asyncio.timeout(wait):
                             await self._wake.wait()
                     continue
-                await self._repair(nxt)
-                gap_since = None
+                if await self._repair(nxt):
+                    gap_since = None  # closed; a long gap (pages of it) is read on at once
         finally:
             self._busy = False
 
-    async def _repair(self, missing: int) -> None:
+    async def _repair(self, missing: int) -> bool:
+        """Reads the gap from `missing` on from the table; True once the gap is closed."""
         known = [s for s in (*self._held, *self._remote) if s > missing]
         upto = min(known) - 1 if known else self._target
         events, last = await self._read_after(self._delivered, upto)
@@ -282,6 +283,7 @@ class ClusterDelivery:
         for pending in (self._held, self._remote):
             for seq in [s for s in pending if s <= last]:
                 del pending[seq]  # committed here meanwhile, delivered with the read
+        return last >= upto
 
     def _guarded(self, deliver: Deliver, events: list[Event]) -> None:
         try:

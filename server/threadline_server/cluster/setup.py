@@ -9,6 +9,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 
+from threadline_server.cluster.connections import ConnectionRegistry
 from threadline_server.cluster.delivery import (
     ClusterDelivery,
     Deliver,
@@ -60,6 +61,7 @@ def delivery(
     cluster: ClusterSettings,
     metrics: Metrics,
     *,
+    node: str,
     encode: Encode,
     read_after: ReadAfter,
     latest: Callable[[], Awaitable[int]],
@@ -82,7 +84,7 @@ def delivery(
     return ClusterDelivery(
         redis_url=cluster.redis_url,
         key_prefix=cluster.key_prefix,
-        node_id=node_id(cluster),
+        node_id=node,
         timeout_s=cluster.redis_timeout_s,
         retry_s=cluster.redis_retry_s,
         gap_wait_s=cluster.gap_wait_s,
@@ -97,4 +99,27 @@ def delivery(
         on_typing=on_typing,
         on_redis_up=lambda up: metrics.redis_up.set(1 if up else 0),
         on_repaired=metrics.cluster_repaired.inc,
+    )
+
+
+def connections(
+    cluster: ClusterSettings,
+    metrics: Metrics,
+    *,
+    node: str,
+    cap: int,
+    replace_local: Callable[[str], None],
+) -> ConnectionRegistry | None:
+    """The per-user connection cap across the cluster; None for a single node."""
+    if not cluster.redis_url:
+        return None
+    return ConnectionRegistry(
+        redis_url=cluster.redis_url,
+        key_prefix=cluster.key_prefix,
+        node_id=node,
+        cap=cap,
+        timeout_s=cluster.redis_timeout_s,
+        retry_s=cluster.redis_retry_s,
+        replace_local=replace_local,
+        on_fallback=metrics.cluster_fallbacks.labels("connection_cap").inc,
     )

@@ -31,10 +31,15 @@ class LocalBroker:
         self._metrics = metrics
         self._by_user: dict[str, list[StreamSession]] = defaultdict(list)
         self._by_id: dict[str, StreamSession] = {}
+        self._replaced_frame: Callable[[], bytes] = lambda: b""
+        # A cluster's connection registry (cluster.connections) hears of every stream here.
+        self.on_subscribed: Callable[[StreamSession], None] = lambda _s: None
+        self.on_unsubscribed: Callable[[StreamSession], None] = lambda _s: None
 
     def subscribe(self, session: StreamSession, replaced_frame: Callable[[], bytes]) -> None:
         """Registers a session; beyond the per-user cap the oldest is closed (REPLACED), since
         refusing the new one would lock a user out behind dead connections after a network blip."""
+        self._replaced_frame = replaced_frame
         sessions = self._by_user[session.user_id]
         sessions.append(session)
         self._by_id[session.session_id] = session
@@ -42,17 +47,33 @@ class LocalBroker:
         while len(sessions) > self._max_per_user:
             oldest = sessions.pop(0)
             self._by_id.pop(oldest.session_id, None)
-            error = Unavailable("REPLACED", "replaced by a newer connection", retry_after=0)
-            oldest.close(error, replaced_frame())
+            self._close_replaced(oldest)
+        self.on_subscribed(session)
+
+    def replace(self, session_id: str) -> None:
+        """Closes this node's session `session_id`, replaced by a newer connection of its user
+        on another node of the cluster; nothing if it has gone already."""
+        oldest = self._by_id.pop(session_id, None)
+        if oldest is None:
+            return
+        sessions = self._by_user.get(oldest.user_id)
+        if sessions and oldest in sessions:
+            sessions.remove(oldest)
+        self._close_replaced(oldest)
+
+    def _close_replaced(self, session: StreamSession) -> None:
+        error = Unavailable("REPLACED", "replaced by a newer connection", retry_after=0)
+        session.close(error, self._replaced_frame())
 
     def unsubscribe(self, session: StreamSession) -> None:
         sessions = self._by_user.get(session.user_id)
         if sessions and session in sessions:
             sessions.remove(session)
-            if not sessions:
-                del self._by_user[session.user_id]
+        if not sessions:
+            self._by_user.pop(session.user_id, None)
         self._by_id.pop(session.session_id, None)
         self._count()
+        self.on_unsubscribed(session)
 
     def _count(self) -> None:
         if self._metrics is not None:
