@@ -89,13 +89,15 @@ class ClusterNode:
         self._publish_committed(events)
 
     async def event_elsewhere(self, event: RemoteEvent) -> None:
-        """Another node's event, as it published it: addressed here, from this node's own view
-        of the thread's members (its caches forget what the change made stale first)."""
+        """Another node's event, as it published it, to those it was addressed to whom this node
+        finds among the thread's members itself (its caches forget what the change made stale
+        first): the same streams as on the committing node, and never a non-member."""
         self._store.caches.forget(EventKind(event.kind), event.thread_id)
         if event.user_id:
             recipients = frozenset([event.user_id])
         else:
-            recipients = await self._store.thread_members(event.thread_id)
+            members = await self._store.thread_members(event.thread_id)
+            recipients = members.intersection(event.recipients)
         pair = codec.event_pair_from_raw(event.raw, event.change_seq, event.client_op_id)
         self._broker.deliver_encoded(recipients, event.actor_id, pair)
 

@@ -71,7 +71,9 @@ class Metrics:
         )
         self.redis_up = Gauge(
             "threadline_redis_up",
-            "1 while this node reaches the cluster's Redis (cluster.redis_url set), else 0.",
+            "1 while this node reaches the cluster's Redis (cluster.redis_url set), by what uses "
+            "it (rate_limit, delivery); 0 while that part decides alone.",
+            ["what"],
             registry=r,
         )
         self.edge_up = Gauge(

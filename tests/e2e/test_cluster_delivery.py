@@ -131,14 +131,14 @@ async def test_delivery_goes_on_by_the_changes_table_while_redis_is_down(setting
             for i in range(5):
                 await alice.send_message(thread, f"down {i}", f"op-down-{i}")
             assert await texts(bob, 5) == [(i + 2, f"down {i}") for i in range(5)]
-            assert metric(b, "threadline_redis_up") == 0
+            assert metric(b, "threadline_redis_up", {"what": "delivery"}) == 0
             assert metric(b, "threadline_cluster_repaired_events_total") >= 5  # from the table
             await server.start()
             for _ in range(200):  # the listener subscribes again within redis_retry_s
-                if metric(b, "threadline_redis_up") == 1:
+                if metric(b, "threadline_redis_up", {"what": "delivery"}) == 1:
                     break
                 await asyncio.sleep(0.05)
-            assert metric(b, "threadline_redis_up") == 1
+            assert metric(b, "threadline_redis_up", {"what": "delivery"}) == 1
             await alice.send_message(thread, "back", "op-back")
             assert await texts(bob, 1) == [(7, "back")]
             await bob.no_event(0.2)
@@ -220,5 +220,34 @@ async def test_an_event_lost_on_the_way_is_repaired_from_the_changes_table(setti
         await bob.no_event(0.3)
         assert len(dropped) == 2
         assert metric(b, "threadline_cluster_repaired_events_total") == 2
+        for stream in (alice, bob):
+            stream.cancel()
+
+
+async def test_an_event_the_node_cannot_address_is_read_again_from_the_table(settings_factory):
+    """Node b fails to read the thread's members for an event that arrived (a database blip):
+    the event is not skipped but read again from the changes table, and delivered."""
+    async with nodes(settings_factory, SHARED_REDIS) as (apps, channels, _clock):
+        a, b = apps
+        thread = await create_thread(channels[0], a.mint("alice", 600), "bob")
+        alice = RawStream(channels[0], a.mint("alice", 600))
+        bob = RawStream(channels[1], b.mint("bob", 600))
+        await alice.hello()
+        await bob.hello()
+        members = b.store.thread_members
+        failures: list[str] = []
+
+        async def blip(thread_id: str) -> frozenset[str]:
+            if not failures:
+                failures.append(thread_id)
+                raise ConnectionError("database blip")
+            return await members(thread_id)
+
+        b.store.thread_members = blip  # type: ignore[method-assign]
+        await alice.send_message(thread, "through the blip", "op-1")
+        assert await texts(bob, 1) == [(1, "through the blip")]
+        assert failures == [thread]
+        assert metric(b, "threadline_cluster_repaired_events_total") == 1
+        await bob.no_event(0.3)
         for stream in (alice, bob):
             stream.cancel()

@@ -55,7 +55,7 @@ async def test_one_budget_across_two_nodes(settings_factory):
         clock.advance(1.0)  # one token back, spent on whichever node asks first
         assert accepted(await send_many(on_a, thread, "later-a-", 2)) == 1
         assert accepted(await send_many(on_b, thread, "later-b-", 1)) == 0
-        assert metric(a, "threadline_redis_up") == 1
+        assert metric(a, "threadline_redis_up", {"what": "rate_limit"}) == 1
         assert metric(a, "threadline_cluster_fallbacks_total", {"what": "rate_limit"}) == 0
         for stream in (on_a, on_b, bob):
             stream.cancel()
@@ -78,14 +78,16 @@ async def test_nodes_fall_back_to_their_own_budgets_while_redis_is_down(settings
             assert accepted(await send_many(on_a, thread, "down-a-", 61)) == 60
             assert accepted(await send_many(on_b, thread, "down-b-", 61)) == 60
             for app in apps:
-                assert metric(app, "threadline_redis_up") == 0
+                assert metric(app, "threadline_redis_up", {"what": "rate_limit"}) == 0
                 assert metric(app, "threadline_cluster_fallbacks_total", {"what": "rate_limit"})
             await server.start()  # empty: every bucket starts full again
             await asyncio.sleep(0.05)  # past redis_retry_s (0.01 s): the nodes try Redis again
             back = await send_many(on_a, thread, "back-a-", 40)
             back += await send_many(on_b, thread, "back-b-", 40)
             assert accepted(back) == 60  # one budget again, across both nodes
-            assert all(metric(app, "threadline_redis_up") == 1 for app in apps)
+            assert all(
+                metric(app, "threadline_redis_up", {"what": "rate_limit"}) == 1 for app in apps
+            )
             for stream in (on_a, on_b):
                 stream.cancel()
     finally:

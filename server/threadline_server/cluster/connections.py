@@ -68,12 +68,16 @@ class ConnectionRegistry:
         self._replace_local = replace_local
         self._on_fallback = on_fallback
         self._pending: set[asyncio.Task[None]] = set()
+        self._connecting: dict[str, asyncio.Task[None]] = {}
         self._listener: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._listener = asyncio.create_task(self._listen())
 
     async def close(self) -> None:
+        """Lets the last removals reach Redis (streams closed just before), briefly."""
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=1.0)
         tasks = [*self._pending, *([self._listener] if self._listener else [])]
         for task in tasks:
             task.cancel()
@@ -83,15 +87,19 @@ class ConnectionRegistry:
         await self._redis.aclose()
 
     def connected(self, user_id: str, session_id: str) -> None:
-        self._spawn(self._connected(user_id, session_id))
+        self._connecting[session_id] = self._spawn(self._connected(user_id, session_id))
 
     def disconnected(self, user_id: str, session_id: str) -> None:
-        self._spawn(self._disconnected(user_id, session_id))
+        # After its own connect's script: a removal that overtook its addition would leave
+        # the stream in the set for good.
+        added = self._connecting.pop(session_id, None)
+        _ = self._spawn(self._disconnected(user_id, session_id, added))
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        return task
 
     def _key(self, user_id: str) -> str:
         return f"{self._prefix}:conns:{user_id}"
@@ -114,7 +122,11 @@ class ConnectionRegistry:
             )
             self._on_fallback()
 
-    async def _disconnected(self, user_id: str, session_id: str) -> None:
+    async def _disconnected(
+        self, user_id: str, session_id: str, added: asyncio.Task[None] | None
+    ) -> None:
+        if added is not None:
+            await asyncio.wait([added])
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             await self._redis.zrem(self._key(user_id), f"{self.node_id}|{session_id}")
 

@@ -184,6 +184,7 @@ class ClusterDelivery:
             event.client_op_id,
             user,
             self._encode(event),
+            () if user else tuple(sorted(event.recipients)),
         )
 
     def _queue(self, message: bytes | str) -> None:
@@ -249,8 +250,10 @@ class ClusterDelivery:
                 if remote is not None:
                     try:
                         await self._deliver_remote(remote)
-                    except Exception:  # one bad delivery must not stop the node's feed
-                        logger.exception("delivering change %d failed", nxt)
+                    except Exception:  # (its members could not be read): from the table, then
+                        logger.exception("delivering change %d failed; reading it again", nxt)
+                        await self._repair(nxt)  # raises while the database is away: retried
+                        continue
                     self._delivered, gap_since = nxt, None
                     continue
                 # A gap: the change has committed (a later one is known) but its event has not

@@ -53,7 +53,7 @@ def rate_limits(
         retry_s=cluster.redis_retry_s,
         on_refused=refused,
         on_fallback=metrics.cluster_fallbacks.labels("rate_limit").inc,
-        on_redis_up=lambda up: metrics.redis_up.set(1 if up else 0),
+        on_redis_up=lambda up: metrics.redis_up.labels("rate_limit").set(1 if up else 0),
     )
 
 
@@ -97,7 +97,7 @@ def delivery(
         deliver_remote=remote,
         deliver_repaired=deliver_repaired,
         on_typing=on_typing,
-        on_redis_up=lambda up: metrics.redis_up.set(1 if up else 0),
+        on_redis_up=lambda up: metrics.redis_up.labels("delivery").set(1 if up else 0),
         on_repaired=metrics.cluster_repaired.inc,
     )
 

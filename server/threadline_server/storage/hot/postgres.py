@@ -131,6 +131,13 @@ class PostgresSendWriter:
             rows = await asyncio.shield(call)
         except asyncio.CancelledError:
             await asyncio.wait([call])
+            if not call.cancelled() and call.exception() is None:
+                # Committed, but the caller is gone before publishing it: whoever mirrors
+                # writes (the caches) must forget, as for a COMMIT whose outcome is unknown.
+                self._on_unknown_outcome()
+            elif not call.cancelled() and isinstance(call.exception(), _LOST):
+                await self._drop()
+                self._on_unknown_outcome()
             raise
         except _UNSENT as exc:
             await self._drop()

@@ -90,6 +90,10 @@ class SqliteSendWriter:
             # The transaction runs to its end on the thread either way; the caller holds the
             # write lock until it has, so no other writer starts while it is open.
             await asyncio.wait([future])
+            if not future.cancelled() and future.exception() is None:
+                # Committed, but the caller is gone before publishing it: whoever mirrors
+                # writes (the caches) must forget, as for a COMMIT whose outcome is unknown.
+                self._on_unknown_outcome()
             raise
         except _CommitFailed as failed:
             # On the loop, not the writer thread: the hooks clear caches the loop reads.
