@@ -319,3 +319,31 @@ async def test_get_me_and_preferences(channel, token):
             metadata=bearer(token("alice")),
         )
     assert err.value.code() == grpc.StatusCode.ABORTED
+
+
+async def test_every_change_cursor_a_membership_change_takes_has_its_change(
+    server, channel, threads, token
+):
+    """The last member leaving (the thread goes with them) and every member being replaced
+    emit no THREAD_UPDATED: they take no cursor for it either. A cursor without its change row
+    is a hole each node of a cluster would wait out before reading past it."""
+    from sqlalchemy import func, select
+
+    from threadline_server.storage.tables import changes
+
+    _, before = await server.store.current_change_seq()
+    alone = await _create(threads, token("alice"), participants=())
+    await threads.RemoveParticipants(  # alice leaves her own thread: it is deleted
+        ts.RemoveParticipantsRequest(thread_id=alone.id, user_ids=["alice"]),
+        metadata=bearer(token("alice")),
+    )
+    _, after = await server.store.current_change_seq()
+    async with server.db.read() as conn:
+        rows = (
+            await conn.execute(
+                select(func.count()).where(
+                    changes.c.change_seq > before, changes.c.change_seq <= after
+                )
+            )
+        ).scalar_one()
+    assert after > before and rows == after - before

@@ -171,12 +171,14 @@ class ThreadStore(UserStore):
                 )
             row = (await conn.execute(select(threads).where(threads.c.id == thread_id))).one()
             thread = thread_from_row(row, new_members)
-            count = 1 + len(removed) + len(added)
-            first = await self._next_change_seqs(conn, count)
+            # Existing members see an update; newcomers see the thread appear. One cursor per
+            # event: a cursor without its change row would be a hole every node of a cluster
+            # waits out (cluster.delivery) before reading past it.
+            stay = frozenset(new_members - set(added))
+            count = (1 if stay else 0) + len(added) + len(removed)
+            first = await self._next_change_seqs(conn, count) if count else 0
             events = []
             if new_members:
-                # Existing members see an update; newcomers see the thread appear.
-                stay = frozenset(new_members - set(added))
                 if stay:
                     events.append(
                         self._thread_event(
