@@ -17,10 +17,9 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+
+from threadline_server.cluster.redis_client import redis_client
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +52,7 @@ class ConnectionRegistry:
         replace_local: Callable[[str], None],
         on_fallback: Callable[[], None] = lambda: None,
     ) -> None:
-        self._redis = aioredis.Redis.from_url(
-            redis_url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1),
-        )
+        self._redis = redis_client(redis_url, timeout_s)
         self._connect = self._redis.register_script(_CONNECT)
         self._prefix = key_prefix
         self._control = f"{key_prefix}:control"

@@ -31,12 +31,10 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from threadline_server.cluster.envelope import RemoteEvent, pack, unpack
+from threadline_server.cluster.redis_client import redis_client
 from threadline_server.domain.models import Event, TypingState
 
 logger = logging.getLogger(__name__)
@@ -76,12 +74,7 @@ class ClusterDelivery:
         on_redis_up: Callable[[bool], None] = lambda _up: None,
         on_repaired: Callable[[int], None] = lambda _n: None,
     ) -> None:
-        self._redis = aioredis.Redis.from_url(
-            redis_url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1),
-        )
+        self._redis = redis_client(redis_url, timeout_s)
         self._events_channel = f"{key_prefix}:events"
         self._ephemeral_channel = f"{key_prefix}:ephemeral"
         self.node_id = node_id

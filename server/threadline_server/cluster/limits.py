@@ -20,11 +20,9 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from threadline_server.cluster.redis_client import redis_client
 from threadline_server.domain.limits import Budget, Clock, Rate, RateLimits
 
 logger = logging.getLogger(__name__)
@@ -78,15 +76,7 @@ class ClusterRateLimits(RateLimits):
         monotonic: Clock = time.monotonic,
     ) -> None:
         super().__init__(rates, on_refused=on_refused)
-        self._redis = aioredis.Redis.from_url(
-            redis_url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            single_connection_client=True,
-            # One retry, at once: a connection Redis dropped (a restart) is replaced on the
-            # next call; with Redis down, one failed reconnect and the node falls back.
-            retry=Retry(NoBackoff(), 1),
-        )
+        self._redis = redis_client(redis_url, timeout_s, single_connection=True)
         self._script = self._redis.register_script(_SPEND)
         self._prefix = key_prefix
         self._retry_s = retry_s
